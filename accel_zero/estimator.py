@@ -1,0 +1,290 @@
+"""Per-rank model-state memory for ZeRO stages 1/2/3 and each offload setting.
+
+Accounting follows the ZeRO paper (Rajbhandari et al. 2020, section 3.1 and 5):
+a model of Ψ parameters trained with Adam in mixed precision holds
+
+* parameters in the compute dtype: 2Ψ bytes (bf16/fp16), 4Ψ (fp32);
+* gradients in the compute dtype: 2Ψ (bf16/fp16), 4Ψ (fp32);
+* optimizer state K·Ψ: fp32 master copy + Adam m + v = K = 12 bytes/param.
+  In fp32 training the parameters themselves are the master copy, so K = 8.
+
+Per rank, with N ranks: stage 1 shards the optimizer state (params + grads + K/N),
+stage 2 also the gradients, stage 3 also the parameters. Shards follow accel_zero's
+layout: each parameter is split along dim 0 into ceil(dim0 / N)-row chunks (padding
+counted), 0-d parameters are replicated. In stage 3, parameters with fewer than
+``param_persistence_threshold`` elements stay whole on every rank (their gradients and
+optimizer state are still sharded).
+
+Offload (ZeRO-Offload / ZeRO-Infinity): ``offload_optimizer=cpu`` moves the optimizer
+state to host memory, and in stages 2/3 also the gradient shard (the update runs on
+the CPU); ``nvme`` puts the optimizer state on disk and keeps the gradient shard in host
+memory. ``offload_param=cpu`` (stage 3) keeps the parameter shards in host memory.
+Activations, communication buffers and the gathered working set are not model states:
+the largest unit, gathered, is reported separately as the minimum stage-3 working set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from accel_zero.config import parse_count
+
+_COMPUTE_BYTES = {"no": 4, "fp32": 4, "bf16": 2, "fp16": 2}
+_ADAM_MIXED = 12  # fp32 master + m + v
+_ADAM_FP32 = 8  # m + v; the fp32 parameters are the master copy
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelShapes:
+    """What the estimate needs to know about a model: parameter shapes and its largest unit."""
+
+    shapes: tuple[tuple[int, ...], ...]
+    """Shape of every distinct parameter (tied parameters counted once)."""
+    largest_unit_numel: int = 0
+    """Elements of the largest unit (a ``_no_split_modules`` block); 0 if unknown."""
+    name: str = "model"
+    """How the model was given, for the report."""
+
+    @property
+    def numel(self) -> int:
+        return sum(math.prod(shape) for shape in self.shapes)
+
+
+@dataclass(frozen=True, kw_only=True)
+class StateEstimate:
+    """Model-state bytes one rank holds for one stage/offload setting."""
+
+    stage: int
+    """ZeRO stage (1, 2, 3)."""
+    offload_optimizer: str
+    """none, cpu or nvme."""
+    offload_param: str
+    """none or cpu (stage 3 only)."""
+    param_bytes: int
+    """Parameters (full in stages 1/2; shard plus persistent params in stage 3)."""
+    grad_bytes: int
+    """Gradients (full in stage 1; shard in stages 2/3)."""
+    optimizer_bytes: int
+    """fp32 master copy and Adam moments (always a shard)."""
+    device_bytes: int
+    """Bytes on the compute device."""
+    cpu_bytes: int
+    """Bytes in host memory."""
+    nvme_bytes: int
+    """Bytes on NVMe."""
+
+    @property
+    def total_bytes(self) -> int:
+        return self.param_bytes + self.grad_bytes + self.optimizer_bytes
+
+
+def shard_numel(shape: Sequence[int], world_size: int) -> int:
+    """Elements one rank stores for a parameter: a ceil(dim0/N)-row chunk (0-d: replicated)."""
+    if len(shape) == 0:
+        return 1
+    rows = math.ceil(shape[0] / world_size)
+    return rows * math.prod(shape[1:])
+
+
+def estimate(
+    model: ModelShapes,
+    *,
+    world_size: int,
+    mixed_precision: str = "bf16",
+    param_persistence_threshold: int = 100_000,
+) -> list[StateEstimate]:
+    """Estimates for stages 1/2/3 × offload none/cpu/nvme (+ stage 3 with params on CPU)."""
+    if world_size < 1:
+        raise ValueError(f"world_size={world_size} must be >= 1")
+    if mixed_precision not in _COMPUTE_BYTES:
+        raise ValueError(
+            f"mixed_precision={mixed_precision!r} (allowed: {', '.join(_COMPUTE_BYTES)})"
+        )
+    compute = _COMPUTE_BYTES[mixed_precision]
+    optim = _ADAM_FP32 if compute == 4 else _ADAM_MIXED
+    full = model.numel
+    sharded = sum(shard_numel(shape, world_size) for shape in model.shapes)
+    # Stage 3 parameters: persistent ones whole, the rest as shards.
+    stage3_params = sum(
+        math.prod(shape)
+        if math.prod(shape) < param_persistence_threshold
+        else shard_numel(shape, world_size)
+        for shape in model.shapes
+    )
+
+    results = []
+    settings = [(s, o, "none") for s in (1, 2, 3) for o in ("none", "cpu", "nvme")]
+    settings += [(3, "cpu", "cpu"), (3, "nvme", "cpu")]
+    for stage, off_opt, off_param in settings:
+        params = compute * (full if stage < 3 else stage3_params)
+        grads = compute * (full if stage == 1 else sharded)
+        optimizer = optim * sharded
+        place = {"device": 0, "cpu": 0, "nvme": 0}
+        place["cpu" if off_param == "cpu" else "device"] += params
+        grads_on_host = off_opt != "none" and stage >= 2
+        place["cpu" if grads_on_host else "device"] += grads
+        place[{"none": "device", "cpu": "cpu", "nvme": "nvme"}[off_opt]] += optimizer
+        results.append(
+            StateEstimate(
+                stage=stage,
+                offload_optimizer=off_opt,
+                offload_param=off_param,
+                param_bytes=params,
+                grad_bytes=grads,
+                optimizer_bytes=optimizer,
+                device_bytes=place["device"],
+                cpu_bytes=place["cpu"],
+                nvme_bytes=place["nvme"],
+            )
+        )
+    return results
+
+
+def ddp_bytes(model: ModelShapes, *, mixed_precision: str = "bf16") -> int:
+    """Model-state bytes per rank under plain data parallelism (everything replicated)."""
+    compute = _COMPUTE_BYTES[mixed_precision]
+    optim = _ADAM_FP32 if compute == 4 else _ADAM_MIXED
+    return (2 * compute + optim) * model.numel
+
+
+def shapes_from_params(count: int) -> ModelShapes:
+    """A model known only by its parameter count: one flat parameter."""
+    return ModelShapes(shapes=((count,),), name="--params")
+
+
+def shapes_from_module(module: Any, *, name: str = "model") -> ModelShapes:
+    """Shapes of an ``nn.Module``'s distinct parameters and the size of its largest unit."""
+    shapes = tuple(tuple(p.shape) for p in module.parameters())
+    unit_classes = set(getattr(module, "_no_split_modules", None) or ())
+    largest = 0
+    for sub in module.modules():
+        if type(sub).__name__ in unit_classes:
+            largest = max(largest, sum(p.numel() for p in sub.parameters()))
+    return ModelShapes(shapes=shapes, largest_unit_numel=largest, name=name)
+
+
+def shapes_from_hf_config(path: str | Path) -> ModelShapes:
+    """Build a transformers model from its config on the meta device (no weights, no RAM)."""
+    import torch
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    path = Path(path)
+    if path.is_file():  # a config.json of any name
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if "model_type" not in data:
+            raise ValueError(f"{path} has no 'model_type'; is it a transformers config.json?")
+        config = AutoConfig.for_model(data.pop("model_type"), **data)
+    else:
+        config = AutoConfig.from_pretrained(str(path))
+    with torch.device("meta"):
+        try:
+            model = AutoModelForCausalLM.from_config(config)
+        except ValueError:  # not a causal LM architecture: take the base model
+            model = AutoModel.from_config(config)
+    return shapes_from_module(model, name=f"{type(model).__name__} from {path}")
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def format_table(
+    model: ModelShapes, rows: Iterable[StateEstimate], *, world_size: int, mixed_precision: str
+) -> str:
+    """The report ``accel-zero estimate`` prints."""
+    rows = list(rows)
+    lines = [
+        f"Model states per rank: {model.name}, {model.numel:,} parameters, "
+        f"world size {world_size}, mixed precision {mixed_precision}, Adam",
+        f"DDP (replicated): {human_bytes(ddp_bytes(model, mixed_precision=mixed_precision))}"
+        " per rank",
+        "",
+        f"{'stage':>5}  {'offload_opt':>11}  {'offload_param':>13}  {'params':>11}  {'grads':>11}  "
+        f"{'optimizer':>11}  {'device':>11}  {'cpu':>11}  {'nvme':>11}",
+    ]
+    for r in rows:
+        lines.append(
+            f"{r.stage:>5}  {r.offload_optimizer:>11}  {r.offload_param:>13}  "
+            f"{human_bytes(r.param_bytes):>11}  {human_bytes(r.grad_bytes):>11}  "
+            f"{human_bytes(r.optimizer_bytes):>11}  {human_bytes(r.device_bytes):>11}  "
+            f"{human_bytes(r.cpu_bytes):>11}  {human_bytes(r.nvme_bytes):>11}"
+        )
+    if model.largest_unit_numel:
+        unit = model.largest_unit_numel * _COMPUTE_BYTES[mixed_precision]
+        lines += [
+            "",
+            f"Stage 3 also gathers whole units on the device: the largest unit is "
+            f"{model.largest_unit_numel:,} parameters = {human_bytes(unit)} "
+            f"(x2 while the next one is prefetched), plus activations.",
+        ]
+    return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``accel-zero estimate`` options."""
+    # Not a mutually exclusive group: Accelerate's CustomArgumentParser (the parser class
+    # of every accel-zero subcommand) replaces action objects, which breaks group checks.
+    parser.add_argument(
+        "model",
+        nargs="?",
+        help="A Hugging Face config.json or a folder holding one (built on the meta device).",
+    )
+    parser.add_argument("--params", help="Parameter count instead of a model, e.g. 7e9, 135M.")
+    parser.add_argument(
+        "--world-size", "--world_size", type=int, default=2, help="Ranks (default 2)."
+    )
+    parser.add_argument(
+        "--mixed-precision",
+        "--mixed_precision",
+        choices=("no", "bf16", "fp16"),
+        default="bf16",
+        help="Compute dtype: 'no' is fp32 training (default bf16).",
+    )
+    parser.add_argument(
+        "--param-persistence-threshold",
+        "--param_persistence_threshold",
+        default="100000",
+        help="Stage-3 params with fewer elements stay whole on every rank (default 100000).",
+    )
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run ``accel-zero estimate``; prints the table and returns 0."""
+    if args.world_size < 1:
+        raise SystemExit(f"accel-zero estimate: --world-size={args.world_size} must be >= 1")
+    if (args.model is None) == (args.params is None):
+        raise SystemExit("accel-zero estimate: give either a model config (path) or --params N")
+    try:
+        threshold = parse_count(args.param_persistence_threshold, "--param-persistence-threshold")
+        params = None if args.params is None else parse_count(args.params, "--params", minimum=1)
+    except (ValueError, TypeError) as exc:
+        raise SystemExit(f"accel-zero estimate: {exc}") from exc
+    if params is not None:
+        model = shapes_from_params(params)
+    else:
+        path = Path(args.model)
+        if not path.exists():
+            raise SystemExit(
+                f"accel-zero estimate: {path} does not exist (give a config.json or its folder)"
+            )
+        model = shapes_from_hf_config(path)
+    rows = estimate(
+        model,
+        world_size=args.world_size,
+        mixed_precision=args.mixed_precision,
+        param_persistence_threshold=threshold,
+    )
+    print(
+        format_table(model, rows, world_size=args.world_size, mixed_precision=args.mixed_precision)
+    )
+    return 0
