@@ -1,0 +1,317 @@
+"""``accel_zero.Accelerator``: the Accelerate integration (DESIGN D1).
+
+All Accelerate glue lives here.
+
+A subclass of ``accelerate.Accelerator`` that keeps Accelerate's
+``distributed_type`` (MULTI_GPU / MULTI_CPU), forces its DeepSpeed / FSDP
+paths off, never wraps the model in DDP and instead installs an
+:class:`~accel_zero.engine.Engine` on it in place. ``optimizer.step()`` really
+steps (the user's optimizer, re-pointed at the master shards), so the loop
+and ``max_norm`` keep their meaning.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import logging
+import os
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import accelerate
+import torch
+from accelerate.optimizer import AcceleratedOptimizer
+from accelerate.utils import DistributedType, InitProcessGroupKwargs
+from torch import nn
+
+from accel_zero.comm import Comm
+from accel_zero.config import ZeroConfig
+from accel_zero.engine import Engine, EngineContext
+from accel_zero.optim import LossScaler, ZeroOptimizer
+from accel_zero.tracer import MemoryTracer, nbytes
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Accelerator"]
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_SUPPORTED = (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
+
+
+def _launched_distributed() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 or "LOCAL_RANK" in os.environ
+
+
+class _AcceleratedZeroOptimizer(AcceleratedOptimizer):
+    """What ``prepare`` returns for an optimizer: Accelerate's wrapper over a ZeroOptimizer.
+
+    It keeps Accelerate's accumulation semantics (step and zero_grad only at a
+    sync boundary) and ``step_was_skipped`` for the scheduler.
+    """
+
+    def __init__(self, zero: ZeroOptimizer) -> None:
+        super().__init__(zero.optimizer, device_placement=False, scaler=None)
+        self.zero = zero
+
+    def step(self, closure: Any = None) -> None:
+        if self.gradient_state.sync_gradients:
+            self.zero.step(closure)
+            self._is_overflow = self.zero.step_was_skipped
+
+    def zero_grad(self, set_to_none: bool | None = None) -> None:
+        if self.gradient_state.sync_gradients:
+            self.zero.zero_grad()
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.zero.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.zero.load_state_dict(state_dict)
+
+
+class Accelerator(accelerate.Accelerator):
+    """``accelerate.Accelerator`` with the accel_zero engine behind ``prepare``.
+
+    ``zero_config``: a :class:`ZeroConfig`, a dict, or a path to YAML / DeepSpeed
+    JSON; when omitted, the block given to ``accel-zero launch`` or the file named
+    by ``ACCEL_ZERO_CONFIG`` is used (DESIGN section 1 for the precedence).
+    """
+
+    def __init__(self, *args: Any, zero_config: Any = None, **kwargs: Any) -> None:
+        config = ZeroConfig.resolve(zero_config)
+        self.zero_config = config
+        # Accelerate must not take its own DeepSpeed / FSDP routes: the engine replaces them.
+        for flag in ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP"):
+            if os.environ.get(flag, "false").lower() == "true":
+                logger.warning("accel_zero: %s=true is ignored; accel_zero is the backend", flag)
+            os.environ[flag] = "false"
+        if kwargs.get("deepspeed_plugin") or kwargs.get("fsdp_plugin"):
+            raise ValueError(
+                "accel_zero.Accelerator does not take deepspeed_plugin / fsdp_plugin: "
+                "pass zero_config= (a DeepSpeed JSON is accepted there) instead"
+            )
+        # Under torchrun on a machine without a GPU, plain Accelerate runs every rank as
+        # an independent single process unless cpu=True: detect the launch and run on gloo.
+        if "cpu" not in kwargs and _launched_distributed() and not torch.cuda.is_available():
+            kwargs["cpu"] = True
+        if config.mixed_precision is not None and "mixed_precision" not in kwargs:
+            kwargs["mixed_precision"] = config.mixed_precision
+        handlers = list(kwargs.pop("kwargs_handlers", None) or [])
+        if not any(isinstance(h, InitProcessGroupKwargs) for h in handlers):
+            handlers.append(
+                InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=config.timeout))
+            )
+        kwargs["kwargs_handlers"] = handlers
+        super().__init__(*args, **kwargs)
+        if self.distributed_type not in _SUPPORTED:
+            raise ValueError(
+                f"accel_zero runs on distributed_type NO, MULTI_CPU or MULTI_GPU, not "
+                f"{self.distributed_type}: remove it from the launch config"
+            )
+        self._zero_tracer = MemoryTracer()
+        self._zero_comm = Comm(timeout=config.timeout, device=self.device)
+        self._zero_engines: dict[int, Engine] = {}
+        self._zero_optimizers: list[ZeroOptimizer] = []
+        self._zero_scaler = (
+            LossScaler(config.loss_scale) if self.mixed_precision == "fp16" else None
+        )
+        self._optimizer_state_bytes = 0
+
+    # ---------------------------------------------------------------- engines
+    @property
+    def _param_dtype(self) -> torch.dtype | None:
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(str(self.mixed_precision))
+
+    def zero_engine(self, model: nn.Module) -> Engine:
+        """The engine installed on ``model`` by ``prepare``."""
+        engine = self._zero_engines.get(id(model))
+        if engine is None:
+            raise ValueError(
+                f"{type(model).__name__} was not prepared by this accel_zero.Accelerator: "
+                "call accelerator.prepare(model, ...) first"
+            )
+        return engine
+
+    def _install_engine(self, model: nn.Module) -> Engine:
+        engine = self._zero_engines.get(id(model))
+        if engine is not None:
+            return engine
+        cfg = self.zero_config
+        ctx = EngineContext(
+            comm=self._zero_comm,
+            tracer=self._zero_tracer,
+            device=self.device,
+            param_dtype=self._param_dtype,
+            reduce_dtype=_DTYPES[cfg.reduce_dtype or "fp32"],
+        )
+        engine = Engine(model, cfg, ctx)
+        self._zero_engines[id(model)] = engine
+        return engine
+
+    # ---------------------------------------------------------------- prepare
+    def prepare(self, *args: Any, device_placement: Any = None) -> Any:
+        # Models first, whatever the argument order, so optimizers can find their engines.
+        for obj in args:
+            if isinstance(obj, nn.Module):
+                self._install_engine(obj)
+        return super().prepare(*args, device_placement=device_placement)
+
+    def prepare_model(
+        self,
+        model: nn.Module,
+        device_placement: bool | None = None,
+        evaluation_mode: bool = False,
+    ) -> nn.Module:
+        self._install_engine(model)
+        # Mixed-precision autocast as Accelerate applies it; no DDP, no device move
+        # (the engine placed the shards on the accelerator's device).
+        return super().prepare_model(model, device_placement=False, evaluation_mode=True)
+
+    def prepare_optimizer(
+        self, optimizer: torch.optim.Optimizer, device_placement: bool | None = None
+    ) -> Any:
+        if getattr(optimizer, "_is_accelerate_prepared", False):
+            return optimizer
+        if not self._zero_engines:
+            raise ValueError(
+                "accel_zero: prepare the model together with (or before) its optimizer: "
+                "accelerator.prepare(model, optimizer, ...)"
+            )
+        zero = ZeroOptimizer(optimizer, list(self._zero_engines.values()), scaler=self._zero_scaler)
+        self._zero_optimizers.append(zero)
+        wrapped = _AcceleratedZeroOptimizer(zero)
+        self._optimizers.append(wrapped)
+        return wrapped
+
+    # --------------------------------------------------------------- training
+    def backward(self, loss: torch.Tensor, **kwargs: Any) -> None:
+        loss = loss / self.gradient_accumulation_steps
+        if self._zero_scaler is not None:
+            loss = loss * self._zero_scaler.scale
+        loss.backward(**kwargs)
+
+    @contextlib.contextmanager
+    def no_sync(self, model: nn.Module) -> Iterator[None]:
+        engine = self._zero_engines.get(id(model))
+        if engine is None:
+            with super().no_sync(model):
+                yield
+            return
+        previous, engine.no_sync = engine.no_sync, True
+        try:
+            yield
+        finally:
+            engine.no_sync = previous
+
+    def unscale_gradients(self, optimizer: Any = None) -> None:
+        for zero in self._zero_optimizers:
+            zero.unscale_()
+
+    def clip_grad_norm_(
+        self, parameters: Iterable[torch.Tensor], max_norm: float, norm_type: float = 2
+    ) -> torch.Tensor | None:
+        """Clip by the global norm over every shard; returns it (None between sync steps)."""
+        if not self._zero_optimizers:
+            return super().clip_grad_norm_(parameters, max_norm, norm_type)
+        if not self.sync_gradients:
+            return None  # gradients are mid-accumulation: clip once, at the step
+        params = list(parameters)
+        norms = [z.clip_grad_norm_(params, max_norm, norm_type) for z in self._zero_optimizers]
+        return norms[0] if len(norms) == 1 else torch.stack(norms).norm(norm_type)
+
+    def clip_grad_value_(self, parameters: Iterable[torch.Tensor], clip_value: float) -> None:
+        raise NotImplementedError(
+            "accel_zero: clip_grad_value_ is not supported on sharded gradients; "
+            "use clip_grad_norm_"
+        )
+
+    # ----------------------------------------------------------------- export
+    def get_state_dict(self, model: nn.Module, unwrap: bool = True) -> dict[str, torch.Tensor]:
+        """The full state dict on the main process (empty elsewhere), gathered unit by unit."""
+        engine = self._zero_engines.get(id(model))
+        if engine is None:
+            return super().get_state_dict(model, unwrap=unwrap)
+        return engine.full_state_dict()
+
+    def save_model(
+        self,
+        model: nn.Module,
+        save_directory: str | os.PathLike[str],
+        max_shard_size: int | str = "10GB",
+        safe_serialization: bool = True,
+    ) -> None:
+        """Consolidated safetensors that ``from_pretrained`` loads, streamed unit by unit."""
+        if id(model) not in self._zero_engines:
+            return super().save_model(model, save_directory, max_shard_size, safe_serialization)
+        from accel_zero.checkpoint import save_model
+
+        save_model(
+            self,
+            model,
+            save_directory,
+            max_shard_size=max_shard_size,
+            safe_serialization=safe_serialization,
+        )
+
+    def save_state(self, output_dir: str | None = None, **kwargs: Any) -> str:
+        raise NotImplementedError(
+            "accel_zero: sharded save_state/load_state is not implemented yet (planned with "
+            "the offload work). Use accelerator.save_model(model, dir) for a consolidated "
+            "checkpoint that from_pretrained loads."
+        )
+
+    def load_state(self, input_dir: str | None = None, **kwargs: Any) -> None:
+        raise NotImplementedError(
+            "accel_zero: sharded save_state/load_state is not implemented yet; "
+            "reload a save_model() export with from_pretrained instead"
+        )
+
+    def free_memory(self, *objects: Any) -> Any:
+        for engine in self._zero_engines.values():
+            engine.hooks.remove()
+        self._zero_engines.clear()
+        self._zero_optimizers.clear()
+        return super().free_memory(*objects)
+
+    # ------------------------------------------------------------ observability
+    def _trace_optimizer_state(self) -> None:
+        total = 0
+        seen: set[int] = set()
+        for zero in self._zero_optimizers:
+            for state in zero.optimizer.state.values():
+                for value in state.values():
+                    if isinstance(value, torch.Tensor) and id(value) not in seen:
+                        seen.add(id(value))
+                        total += nbytes(value)
+        delta = total - self._optimizer_state_bytes
+        if delta > 0:
+            self._zero_tracer.add("optimizer_state", self.device, delta)
+        elif delta < 0:
+            self._zero_tracer.sub("optimizer_state", self.device, -delta)
+        self._optimizer_state_bytes = total
+
+    def memory_report(self) -> dict[str, object]:
+        """Bytes of parameters, gradients and optimizer state on this rank, per device, with peaks.
+
+        ``model_state_bytes``: parameter shards + gradient shards + optimizer state
+        (master weights included) kept between steps; ``per_device[...]
+        ['gathered_params']`` the full parameters gathered right now.
+        """
+        self._trace_optimizer_state()
+        report = self._zero_tracer.report()
+        report["rank"] = self.process_index
+        report["world_size"] = self.num_processes
+        report["stage"] = self.zero_config.stage
+        return report
+
+    def zero_stats(self) -> dict[str, object]:
+        """The coordinator's and the collectives' counters, summed over engines."""
+        out: dict[str, Any] = {}
+        for engine in self._zero_engines.values():
+            for key, value in engine.stats().items():
+                if isinstance(value, (int, float)) and key in out:
+                    out[key] += value
+                else:
+                    out[key] = value
+        return out

@@ -1,0 +1,108 @@
+"""Gradient reduction per unit (DESIGN D4).
+
+When every gradient of a unit has been accumulated (a post-accumulate-grad
+hook per parameter counts them), the unit's full gradients are copied into one
+flat ``(world, S)`` buffer in ``reduce_dtype`` and reduce-scattered
+asynchronously, so communication overlaps the rest of backward. The result is
+averaged over ranks and added into an fp32 shard accumulator, which is what
+the optimizer's master shard sees as ``.grad``. The full-size ``param.grad``
+is freed as soon as it has been copied.
+
+[Note: reduce order]
+Reductions are collectives: every rank must issue them in the same order.
+Units complete in autograd's execution order, which is the same on every rank
+when every rank runs the same modules (checked by the coordinator each step);
+units left at the end of backward are flushed in unit order.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from accel_zero.comm import PendingWork
+from accel_zero.partition import Unit, copy_in_rows
+from accel_zero.tracer import MemoryTracer
+
+__all__ = ["UnitGrads"]
+
+
+class UnitGrads:
+    """The gradient side of one unit: readiness count, in-flight reduction, fp32 accumulator."""
+
+    def __init__(self, unit: Unit, reduce_dtype: torch.dtype, tracer: MemoryTracer) -> None:
+        self.unit = unit
+        self.reduce_dtype = reduce_dtype
+        self.tracer = tracer
+        self.expected = sum(1 for s in unit.slots if s.requires_grad)
+        """Gradients this unit waits for before it reduces."""
+        self.acc: torch.Tensor | None = None
+        """Averaged gradient shard in fp32, accumulated over micro-batches; None = no gradient."""
+        self.had_grad = [False] * len(unit.slots)
+        """Per slot: a gradient arrived since the last zero (else the optimizer sees None,
+        as torch does for a parameter that took no part in the loss)."""
+        self.ready = 0
+        self.reduced = False
+        self._pending: tuple[PendingWork, torch.Tensor, torch.Tensor] | None = None
+
+    def begin_backward(self) -> None:
+        self.ready = 0
+        self.reduced = False
+
+    def mark_ready(self) -> bool:
+        """One more parameter's gradient is accumulated; True when the unit is complete."""
+        self.ready += 1
+        return self.ready == self.expected
+
+    def reduce(self, async_op: bool) -> None:
+        """Reduce-scatter the unit's full gradients (zeros where a parameter got none)."""
+        if self.reduced or self.expected == 0:
+            return
+        unit = self.unit
+        world = unit.comm.world_size
+        flat = torch.empty(world * unit.numel, dtype=self.reduce_dtype, device=unit.device)
+        flat2d = flat.view(world, unit.numel)
+        for i, slot in enumerate(unit.slots):
+            grad = slot.param.grad if slot.requires_grad else None
+            self.had_grad[i] |= grad is not None
+            copy_in_rows(grad, slot, world, flat2d)
+            slot.param.grad = None
+        if self.reduce_dtype != torch.float32 and world > 1:
+            # Low-precision sums: divide first so the sum cannot overflow.
+            flat.div_(world)
+        out = torch.empty(unit.numel, dtype=self.reduce_dtype, device=unit.device)
+        work = unit.comm.reduce_scatter(
+            out, flat, what=f"reduce_scatter of unit {unit.name} gradients", async_op=async_op
+        )
+        self._pending = (work, out, flat)
+        self.reduced = True
+        if not async_op:
+            self.finish()
+
+    def finish(self) -> None:
+        """Wait for the reduction and accumulate the averaged shard into ``acc``."""
+        if self._pending is None:
+            return
+        work, out, _flat = self._pending
+        self._pending = None
+        work.wait()
+        world = self.unit.comm.world_size
+        shard = out.float() if out.dtype != torch.float32 else out
+        if self.reduce_dtype == torch.float32 and world > 1:
+            shard.div_(world)
+        if self.acc is None:
+            self.acc = shard  # freshly allocated by this reduction: owned, no copy
+            self.tracer.add_tensor("grads", self.acc)
+        else:
+            self.acc.add_(shard)
+
+    def zero(self) -> None:
+        self.had_grad = [False] * len(self.unit.slots)
+        if self.acc is not None:
+            self.tracer.sub_tensor("grads", self.acc)
+            self.acc = None
+
+    def slot_grad(self, index: int) -> torch.Tensor | None:
+        """The fp32 gradient shard of slot ``index``, shaped like its master shard."""
+        if self.acc is None or not self.had_grad[index]:
+            return None
+        return self.unit.shard_view(self.unit.slots[index], self.acc)
