@@ -67,6 +67,9 @@ class ConfigValueError(ValueError):
         super().__init__(message)
         self.key = key
 
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:  # picklable across ranks
+        return (type(self), (self.key, str(self)))
+
 
 class ConfigTypeError(TypeError):
     """A configuration value has the wrong type; ``key`` is its full dotted path."""
@@ -74,6 +77,9 @@ class ConfigTypeError(TypeError):
     def __init__(self, key: str, message: str) -> None:
         super().__init__(message)
         self.key = key
+
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:  # picklable across ranks
+        return (type(self), (self.key, str(self)))
 
 
 def _type_error(key: str, value: Any, expected: str) -> ConfigTypeError:
@@ -236,7 +242,7 @@ class _ConfigBase:
     _DEFAULT_PATH = ROOT
 
     @classmethod
-    def _normalise(cls, values: dict[str, Any], path: str) -> dict[str, Any]:
+    def _normalise(cls, values: dict[str, Any], path: str, *, warn: bool = True) -> dict[str, Any]:
         raise NotImplementedError
 
     def __post_init__(self) -> None:
@@ -255,7 +261,9 @@ class _ConfigBase:
         _check_keys(data, valid, path, _KEY_HINTS)
         values = {f.name: _default_of(f) for f in fields(cls)}  # type: ignore[arg-type]
         values.update(data)
-        return cls(**cls._normalise(values, path))
+        # Validate here for errors that carry the full key path; the constructor then
+        # re-checks (a no-op on valid values) and emits any warnings, once.
+        return cls(**cls._normalise(values, path, warn=False))
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict that ``from_dict`` turns back into an equal config."""
@@ -292,7 +300,7 @@ class LossScaleConfig(_ConfigBase):
     """The scale never backs off below this (DeepSpeed ``fp16.min_loss_scale``); > 0."""
 
     @classmethod
-    def _normalise(cls, values: dict[str, Any], path: str) -> dict[str, Any]:
+    def _normalise(cls, values: dict[str, Any], path: str, *, warn: bool = True) -> dict[str, Any]:
         out = dict(values)
         out["initial_scale"] = _parse_float(
             values["initial_scale"], f"{path}.initial_scale", low=0.0, low_open=True
@@ -340,7 +348,7 @@ class OffloadConfig(_ConfigBase):
     """Number of staging buffers in the swap pipeline (NVMe); >= 1."""
 
     @classmethod
-    def _normalise(cls, values: dict[str, Any], path: str) -> dict[str, Any]:
+    def _normalise(cls, values: dict[str, Any], path: str, *, warn: bool = True) -> dict[str, Any]:
         out = dict(values)
         out["device"] = _parse_choice(
             values["device"], f"{path}.device", _OFFLOAD_DEVICES, {"None": "none"}
@@ -396,7 +404,7 @@ class ZeroConfig(_ConfigBase):
     """Seconds before a collective or the rendezvous gives up with an error; > 0."""
 
     @classmethod
-    def _normalise(cls, values: dict[str, Any], path: str) -> dict[str, Any]:
+    def _normalise(cls, values: dict[str, Any], path: str, *, warn: bool = True) -> dict[str, Any]:
         out = dict(values)
         out["stage"] = _parse_choice(values["stage"], f"{path}.stage", _STAGES)
         out["prefetch_bucket_size"] = parse_count(
@@ -454,12 +462,13 @@ class ZeroConfig(_ConfigBase):
             )
         for name in ("offload_optimizer", "offload_param"):
             block = out[name]
-            if block.device != "nvme" and block.nvme_path is not None:
+            if warn and block.device != "nvme" and block.nvme_path is not None:
+                key = f"{path}.{name}"
                 logger.warning(
-                    "%s.nvme_path=%s is ignored because %s.device=%r",
-                    path,
+                    "%s.nvme_path=%s is ignored because %s.device=%r (only 'nvme' uses it)",
+                    key,
                     block.nvme_path,
-                    path,
+                    key,
                     block.device,
                 )
         return out

@@ -421,3 +421,23 @@ def test_resolve_bad_env(clean_env: pytest.MonkeyPatch) -> None:
         ZeroConfig.resolve(None)
     with pytest.raises(TypeError, match="zero_config must be a ZeroConfig"):
         ZeroConfig.resolve(42)  # type: ignore[arg-type]
+
+
+def test_ignored_nvme_path_warns_once(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="accel_zero.config"):
+        ZeroConfig.from_dict({"offload_optimizer": {"device": "cpu", "nvme_path": "/nvme"}})
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1, warnings
+    assert "zero_config.offload_optimizer.nvme_path=/nvme is ignored" in warnings[0]
+
+
+def test_errors_pickle_with_their_key() -> None:
+    # Errors raised on a rank travel back to the launcher/harness by pickle.
+    import pickle
+
+    with pytest.raises(ValueError) as info:
+        ZeroConfig.from_dict({"offload_optimizer": {"device": "tape"}})
+    clone = pickle.loads(pickle.dumps(info.value))
+    assert type(clone) is type(info.value)
+    assert clone.key == "zero_config.offload_optimizer.device"  # type: ignore[attr-defined]
+    assert str(clone) == str(info.value)
