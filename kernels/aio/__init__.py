@@ -1,0 +1,1 @@
+"""libaio reads and writes of host tensors (sources + builder)."""

@@ -1,0 +1,1 @@
+"""AVX-512 / AVX2 + OpenMP Adam over fp32 master weights (sources + builder)."""
