@@ -47,7 +47,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = CustomArgumentParser(
         "accel-zero",
-        usage="accel-zero <command> [<args>]",
         description="ZeRO-3 / ZeRO-Infinity training backend for Hugging Face Accelerate.",
         allow_abbrev=False,
     )

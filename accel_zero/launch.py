@@ -96,14 +96,18 @@ def _wants_local_cpu_ranks(args: argparse.Namespace, accelerate: Mapping[str, An
 def prepare_launch(args: argparse.Namespace, workdir: Path) -> dict[str, str]:
     """Rewrite ``args`` for Accelerate in place; return the environment every rank must see.
 
-    Reads ``args.config_file`` (if any), strips and validates the ``zero_config`` block,
-    writes the remainder to ``workdir/accelerate_config.yaml`` and points
-    ``args.config_file`` at it. Raises ValueError/TypeError naming the key on a bad block.
+    Reads ``args.config_file`` (else Accelerate's default config file, if any), strips
+    and validates the ``zero_config`` block, writes the remainder to
+    ``workdir/accelerate_config.yaml`` and points ``args.config_file`` at it.
+    Raises ValueError/TypeError naming the key on a bad block.
     """
     import yaml
+    from accelerate.commands.config import default_config_file
 
     env: dict[str, str] = {}
     accelerate: dict[str, Any] = {}
+    if args.config_file is None and not args.cpu and os.path.isfile(default_config_file):
+        args.config_file = default_config_file  # what `accelerate launch` would read
     if args.config_file is not None:
         path = Path(args.config_file)
         if not path.is_file():

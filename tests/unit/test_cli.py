@@ -92,6 +92,17 @@ def test_prepare_launch_without_block_clears_stale_env(tmp_path: Path) -> None:
     assert not args.multi_gpu  # one process: Accelerate's simple launcher
 
 
+def test_prepare_launch_cpu_flag_runs_local_ranks(tmp_path: Path) -> None:
+    args = _parse("--cpu", "--num_processes", "2", "train.py")
+    # An explicit file, so the test never reads this machine's Accelerate default config.
+    args.config_file = str(tmp_path / "plain.yaml")
+    (tmp_path / "plain.yaml").write_text("num_processes: 2\n")
+    env = prepare_launch(args, tmp_path)
+    assert args.multi_gpu is True and args.cpu is False and args.use_cpu is True
+    assert env["ACCELERATE_USE_CPU"] == "true"
+    assert int(env.get("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "1"))) >= 1
+
+
 def test_prepare_launch_bad_block_names_key(tmp_path: Path) -> None:
     config = tmp_path / "bad.yaml"
     config.write_text(LAUNCH_YAML.replace("device: cpu", "device: disk"))
