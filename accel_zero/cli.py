@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 
 
-def _env(_: argparse.Namespace) -> int:
+def _env(args: argparse.Namespace) -> int:
     try:
         from accel_zero import env_report
     except ImportError as exc:
@@ -22,7 +22,7 @@ def _env(_: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
-    result = env_report.main()
+    result = env_report.main(["--build"] if args.build else [])
     return int(result) if isinstance(result, int) else 0
 
 
@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     launch.set_defaults(func=_launch)
 
     env = subparsers.add_parser("env", help="Report usable kernels, devices and versions.")
+    env.add_argument(
+        "--build", action="store_true", help="Build every buildable kernel first (JIT)."
+    )
     env.set_defaults(func=_env)
 
     estimate = subparsers.add_parser(

@@ -132,6 +132,7 @@ def test_cli_env_command(capsys: pytest.CaptureFixture[str]) -> None:
         assert "environment report is not available" in capsys.readouterr().err
     else:
         assert cli.main(["env"]) == 0
+        assert "torch" in capsys.readouterr().out  # the report itself, owned by env_report
 
 
 def _free_port() -> int:
