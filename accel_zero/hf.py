@@ -1,0 +1,126 @@
+"""Everything accel_zero knows about transformers lives here (STYLE 13).
+
+The engine never imports transformers; it asks this module, which answers sensibly for a
+plain ``nn.Module`` too:
+
+- ``is_transformers_model(model)``
+- ``no_split_module_classes(model)``: the model's ``_no_split_modules`` resolved to classes
+- ``tied_parameter_groups(model)``: names that share one ``nn.Parameter``
+- ``export_state_filter(model)``: which state-dict keys a consolidated export keeps
+- ``revert_weight_renames(model, state)``: undo transformers' load-time conversions
+- ``save_model_files(model, directory)``: config.json / generation_config.json
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor, nn
+
+__all__ = [
+    "export_state_filter",
+    "is_transformers_model",
+    "no_split_module_classes",
+    "revert_weight_renames",
+    "save_model_files",
+    "tied_parameter_groups",
+]
+
+logger = logging.getLogger(__name__)
+
+
+def _pretrained_model_class() -> type | None:
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:  # transformers is optional for the engine
+        return None
+    return PreTrainedModel
+
+
+def is_transformers_model(model: nn.Module) -> bool:
+    """True if ``model`` is a transformers ``PreTrainedModel`` (config, save_pretrained...)."""
+    cls = _pretrained_model_class()
+    return cls is not None and isinstance(model, cls)
+
+
+def no_split_module_classes(model: nn.Module) -> tuple[type[nn.Module], ...]:
+    """The model's ``_no_split_modules`` (class names) resolved to the classes present in it.
+
+    transformers gathers the names of all sub-models in ``post_init``; a plain module may set
+    the attribute too. Names that match no submodule are ignored (composite models list the
+    blocks of every sub-model); order follows first appearance in ``model.modules()``.
+    """
+    names: set[str] = set()
+    for module in model.modules():
+        declared = getattr(module, "_no_split_modules", None)
+        if declared:
+            names.update(declared)
+    found: dict[str, type[nn.Module]] = {}
+    for module in model.modules():
+        name = type(module).__name__
+        if name in names and name not in found:
+            found[name] = type(module)
+    return tuple(found.values())
+
+
+def tied_parameter_groups(model: nn.Module) -> list[list[str]]:
+    """Groups of parameter names bound to the same ``nn.Parameter`` object (size > 1).
+
+    In each group the first name is the one a consolidated checkpoint keeps (the one
+    transformers' ``save_pretrained`` keeps: not a key of ``all_tied_weights_keys``).
+    """
+    by_id: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        by_id.setdefault(id(param), []).append(name)
+    tied_keys = set(getattr(model, "all_tied_weights_keys", None) or {})
+    groups = []
+    for names in by_id.values():
+        if len(names) > 1:
+            groups.append(sorted(names, key=lambda n: (n in tied_keys, names.index(n))))
+    return groups
+
+
+def export_state_filter(model: nn.Module) -> Callable[[str], bool]:
+    """A predicate: does a consolidated export keep this state-dict key?
+
+    Drops the aliases of tied parameters (safetensors cannot store aliases; transformers
+    re-ties on load) and ``_keys_to_ignore_on_save``.
+    """
+    dropped: set[str] = set()
+    for group in tied_parameter_groups(model):
+        dropped.update(group[1:])
+    dropped.update(getattr(model, "_keys_to_ignore_on_save", None) or ())
+    return lambda key: key not in dropped
+
+
+def revert_weight_renames(model: nn.Module, state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Undo transformers' load-time key renames and weight conversions for ``state``.
+
+    ``state`` must hold every tensor a conversion needs together (a fused MoE expert tensor
+    and its siblings): the engine yields whole units, which do. Plain modules pass through.
+    """
+    if not is_transformers_model(model) or not state:
+        return state
+    from transformers.core_model_loading import revert_weight_conversion
+
+    return dict(revert_weight_conversion(model, state))
+
+
+def save_model_files(model: nn.Module, directory: Path, *, dtype: Any = None) -> None:
+    """Write what ``save_pretrained`` writes besides the weights: config and generation config.
+
+    As ``save_pretrained`` does, the config records the architecture and the weights' dtype.
+    A plain ``nn.Module`` writes nothing.
+    """
+    if not is_transformers_model(model):
+        return
+    config = model.config  # type: ignore[attr-defined]
+    weights_dtype = dtype if dtype is not None else model.dtype  # type: ignore[attr-defined]
+    config.dtype = str(weights_dtype).split(".")[-1]
+    config.architectures = [type(model).__name__]
+    config.save_pretrained(directory)
+    if model.can_generate() and getattr(model, "generation_config", None) is not None:  # type: ignore[operator]
+        model.generation_config.save_pretrained(directory)  # type: ignore[union-attr]
