@@ -172,6 +172,7 @@ def shapes_from_module(module: Any, *, name: str = "model") -> ModelShapes:
 def shapes_from_hf_config(path: str | Path) -> ModelShapes:
     """Build a transformers model from its config on the meta device (no weights, no RAM)."""
     import torch
+    import transformers
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
     path = Path(path)
@@ -182,11 +183,17 @@ def shapes_from_hf_config(path: str | Path) -> ModelShapes:
         config = AutoConfig.for_model(data.pop("model_type"), **data)
     else:
         config = AutoConfig.from_pretrained(str(path))
+    # The architecture the checkpoint was saved from, else a causal LM, else the base model.
+    architectures = getattr(config, "architectures", None) or []
+    model_class = getattr(transformers, architectures[0], None) if architectures else None
     with torch.device("meta"):
-        try:
-            model = AutoModelForCausalLM.from_config(config)
-        except ValueError:  # not a causal LM architecture: take the base model
-            model = AutoModel.from_config(config)
+        if model_class is not None:
+            model = model_class(config)
+        else:
+            try:
+                model = AutoModelForCausalLM.from_config(config)
+            except ValueError:  # not a causal LM architecture
+                model = AutoModel.from_config(config)
     return shapes_from_module(model, name=f"{type(model).__name__} from {path}")
 
 

