@@ -490,11 +490,13 @@ class ZeroConfig(_ConfigBase):
         has a ``zero_optimization`` section; see ``from_deepspeed``).
         """
         data = _load_mapping(path)
-        if ROOT in data:
-            block = data[ROOT] if data[ROOT] is not None else {}
-            return cls.from_dict(block)
-        if "zero_optimization" in data:
-            return cls.from_deepspeed(data)
+        try:
+            if ROOT in data:
+                return cls.from_dict(data[ROOT] if data[ROOT] is not None else {})
+            if "zero_optimization" in data:
+                return cls.from_deepspeed(data)
+        except (ConfigValueError, ConfigTypeError) as exc:
+            raise _in_source(exc, str(path)) from exc
         accelerate_keys = {
             "compute_environment",
             "distributed_type",
@@ -508,7 +510,10 @@ class ZeroConfig(_ConfigBase):
                 f"(e.g. '{ROOT}: {{stage: 3}}') or point at a file holding the block's keys "
                 f"(Accelerate keys seen: {', '.join(sorted(accelerate_keys & set(data)))})",
             )
-        return cls.from_dict(data)
+        try:
+            return cls.from_dict(data)
+        except (ConfigValueError, ConfigTypeError) as exc:
+            raise _in_source(exc, str(path)) from exc
 
     @classmethod
     def from_deepspeed(cls, path_or_dict: str | os.PathLike[str] | Mapping[str, Any]) -> ZeroConfig:
@@ -565,11 +570,21 @@ class ZeroConfig(_ConfigBase):
                     f"${LAUNCH_CONFIG_ENV} is not valid JSON ({exc}); "
                     "it is set by accel-zero launch",
                 ) from exc
-            return cls.from_dict(data if data is not None else {})
+            try:
+                return cls.from_dict(data if data is not None else {})
+            except (ConfigValueError, ConfigTypeError) as exc:
+                raise _in_source(exc, f"${LAUNCH_CONFIG_ENV} (from accel-zero launch)") from exc
         config_path = os.environ.get(CONFIG_PATH_ENV)
         if config_path:
             return cls.from_yaml(config_path)
         return cls()
+
+
+def _in_source(
+    exc: ConfigValueError | ConfigTypeError, source: str
+) -> ConfigValueError | ConfigTypeError:
+    """The same error, saying which file or variable the bad value came from."""
+    return type(exc)(exc.key, f"{source}: {exc}")
 
 
 def _parse_units(value: Any, key: str) -> tuple[str, ...] | None:

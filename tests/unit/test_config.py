@@ -262,6 +262,10 @@ zero_config:
 
 
 def test_yaml_errors_name_the_file(tmp_path: Path) -> None:
+    bad_value = tmp_path / "bad_value.yaml"
+    bad_value.write_text("num_processes: 2\nzero_config:\n  stage: 9\n")
+    with pytest.raises(ValueError, match=r"bad_value\.yaml: zero_config\.stage=9"):
+        ZeroConfig.from_yaml(bad_value)
     accelerate_only = tmp_path / "acc.yaml"
     accelerate_only.write_text("distributed_type: MULTI_CPU\nnum_processes: 2\n")
     with pytest.raises(ValueError, match="has no 'zero_config:' block"):
@@ -417,7 +421,7 @@ def test_resolve_bad_env(clean_env: pytest.MonkeyPatch) -> None:
     with pytest.raises(ValueError, match=LAUNCH_CONFIG_ENV):
         ZeroConfig.resolve(None)
     clean_env.setenv(LAUNCH_CONFIG_ENV, json.dumps({"stage": 7}))
-    with pytest.raises(ValueError, match=r"zero_config\.stage=7"):
+    with pytest.raises(ValueError, match=r"ACCEL_ZERO_LAUNCH_CONFIG.*: zero_config\.stage=7"):
         ZeroConfig.resolve(None)
     with pytest.raises(TypeError, match="zero_config must be a ZeroConfig"):
         ZeroConfig.resolve(42)  # type: ignore[arg-type]
