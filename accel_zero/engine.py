@@ -326,7 +326,8 @@ class Engine:
             if not unit.resharded:
                 unit.state = UnitState.GATHERED
                 unit.refresh_full()
-                self.ctx.tracer.add("gathered_params", unit.device, unit.full_numel * _elt(unit))
+                # Whole on every rank for good: model state, not a transient gather.
+                self.ctx.tracer.add("params", unit.device, unit.full_numel * _elt(unit))
 
     # ------------------------------------------------------------ hook helpers
     def check_ready(self) -> None:
