@@ -10,7 +10,8 @@ is loaded the first time it is needed, in this order:
 3. the pure-PyTorch fallback, announced by exactly one warning saying why.
 
 ``ACCEL_ZERO_FORCE_FALLBACK=aio,cpu_adam`` (or ``=all``) forces step 3 for the named
-ops; ``ACCEL_ZERO_NO_JIT=1`` skips step 2 (useful where compilers are not allowed).
+ops; ``ACCEL_ZERO_NO_JIT=1`` skips step 2 (useful where compilers are not allowed);
+``ACCEL_ZERO_CPU_ADAM_ISA=avx2`` (or ``scalar``) pins the CPU Adam code path.
 
 Public API: :class:`AsyncIO` and :func:`aligned_empty` (NVMe swapping),
 :func:`fused_adam_step` (CPU kernel or CUDA kernel), :func:`multi_tensor_l2norm`,
@@ -45,6 +46,8 @@ logger = logging.getLogger(__name__)
 OP_NAMES = ("aio", "cpu_adam", "cuda")
 FORCE_FALLBACK_ENV = "ACCEL_ZERO_FORCE_FALLBACK"
 NO_JIT_ENV = "ACCEL_ZERO_NO_JIT"
+CPU_ADAM_ISA_ENV = "ACCEL_ZERO_CPU_ADAM_ISA"
+"""Pins the CPU Adam kernel to ``avx512``, ``avx2`` or ``scalar`` (default: the widest)."""
 IO_ALIGN = 4096
 """Alignment of O_DIRECT buffers, lengths and file offsets (bytes)."""
 
@@ -111,43 +114,58 @@ def op_status(name: str) -> OpStatus:
     return OpStatus(name=name, source="jit-buildable")
 
 
-@functools.cache
 def load_op(name: str) -> ModuleType | None:
     """The compiled module of op ``name``, or None (after one warning) when it must fall back.
 
-    Cached per process: an extension module can be imported only once anyway.
+    ``ACCEL_ZERO_FORCE_FALLBACK`` is read on every call, so it can be toggled at
+    run time; the compiled module itself is loaded once per process.
     """
     if name not in OP_NAMES:
         raise ValueError(f"unknown op {name!r}; known: {list(OP_NAMES)}")
-    reason: str
     if name in _forced_fallbacks():
-        reason = f"forced by {FORCE_FALLBACK_ENV}={os.environ[FORCE_FALLBACK_ENV]}"
-    else:
-        try:
-            module = _import_prebuilt(name)
-        except ImportError as e:
-            module = None
-            logger.info("accel_zero op %r: prebuilt module unusable (%s), trying JIT", name, e)
-        if module is not None:
-            return module
-        builder = _builder(name)
-        ok, reason = builder.is_compatible()
-        if ok and os.environ.get(NO_JIT_ENV) == "1":
-            ok, reason = False, f"not prebuilt and {NO_JIT_ENV}=1"
-        if ok:
-            try:
-                logger.info("accel_zero op %r: JIT build in %s", name, builder.build_dir())
-                return builder.jit_load()
-            except Exception as e:  # a compiler error must not stop training
-                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                reason = f"JIT build failed ({type(e).__name__}: {first})"
+        _warn_fallback(name, f"forced by {FORCE_FALLBACK_ENV}={os.environ[FORCE_FALLBACK_ENV]}")
+        return None
+    module, reason = _load_compiled(name)
+    if module is None:
+        _warn_fallback(name, reason)
+    return module
+
+
+@functools.cache
+def _warn_fallback(name: str, reason: str) -> None:
     warnings.warn(
         f"accel_zero op {name!r} uses its pure-PyTorch fallback (slower): {reason}. "
         "Run `accel-zero env` for details.",
         RuntimeWarning,
-        stacklevel=3,
+        stacklevel=4,
     )
-    return None
+
+
+@functools.cache
+def _load_compiled(name: str) -> tuple[ModuleType | None, str]:
+    """(module, "") from the prebuilt module or a JIT build, else (None, why not).
+
+    Cached: an extension module can be imported only once per process anyway.
+    """
+    try:
+        module = _import_prebuilt(name)
+    except ImportError as e:
+        module = None
+        logger.info("accel_zero op %r: prebuilt module unusable (%s), trying JIT", name, e)
+    if module is not None:
+        return module, ""
+    builder = _builder(name)
+    ok, reason = builder.is_compatible()
+    if ok and os.environ.get(NO_JIT_ENV) == "1":
+        ok, reason = False, f"not prebuilt and {NO_JIT_ENV}=1"
+    if not ok:
+        return None, reason
+    try:
+        logger.info("accel_zero op %r: JIT build in %s", name, builder.build_dir())
+        return builder.jit_load(), ""
+    except Exception as e:  # a compiler error must not stop training
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return None, f"JIT build failed ({type(e).__name__}: {first})"
 
 
 # --------------------------------------------------------------------------------------
@@ -616,7 +634,6 @@ def _cpu_adam_kernel(
     bias_correction: bool,
     inv_scale: float,
     threads: int | None,
-    isa: str = "",
 ) -> None:
     consts = [_adam_constants(lr, beta1, beta2, s, bias_correction) for s in steps]
     copy_codes = []
@@ -645,7 +662,7 @@ def _cpu_adam_kernel(
         0.0 if adamw_mode else weight_decay,
         inv_scale,
         threads if threads is not None else torch.get_num_threads(),
-        isa,
+        os.environ.get(CPU_ADAM_ISA_ENV, ""),
     )
     for p, c, code in zip(params, copies, copy_codes, strict=True):
         if c is not None and code < 0:

@@ -28,7 +28,7 @@ inline __m256i to_bf16x16(__m512 p) {
   __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
   __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
   __mmask16 nan = _mm512_cmp_ps_mask(p, p, _CMP_UNORD_Q);
-  r = _mm512_mask_mov_epi32(r, nan, _mm512_set1_epi32(0x7FC0));
+  r = _mm512_mask_mov_epi32(r, nan, _mm512_set1_epi32(0xFFFF));
   return _mm512_cvtepi32_epi16(r);
 }
 

@@ -50,9 +50,9 @@ static inline float bits_f32(uint32_t u) {
   return f;
 }
 
-// Round to nearest even, NaN -> canonical quiet NaN: identical to c10::BFloat16.
+// Round to nearest even; NaN -> 0xFFFF like torch's vectorised fp32->bf16 cast.
 static inline uint16_t f32_to_bf16(float f) {
-  if (f != f) return 0x7FC0;
+  if (f != f) return 0xFFFF;  // what torch's vectorised CPU cast writes for NaN
   uint32_t u = f32_bits(f);
   u += 0x7FFFu + ((u >> 16) & 1u);
   return static_cast<uint16_t>(u >> 16);
