@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import resource
 import time
 from pathlib import Path
 
@@ -200,7 +201,14 @@ def main(argv: list[str] | None = None) -> None:
             print(f"memory report (rank {rank}):", flush=True)
             for line in format_bytes_tree(report, indent="  "):
                 print(f"  {line}", flush=True)
+            # Whole-process peak (activations, logits, allocator caches, libraries too).
+            peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # KiB -> MiB
+            print(f"  peak RSS of this process: {peak_rss:.0f} MiB", flush=True)
         accelerator.wait_for_everyone()
+
+    # The coordinator's counters (prefetch hits/misses, bytes gathered/reduced, seconds
+    # spent waiting on communication) for this rank.
+    accelerator.print(f"zero stats (rank 0): {accelerator.zero_stats()}")
 
     if not args.no_save:
         # Consolidated safetensors gathered unit by unit; every rank takes part.

@@ -16,12 +16,13 @@ its tokenizer and chat template (see ASSETS.md). transformers can read GGUF but 
 
 Outputs, under ``$ACCEL_ZERO_ASSETS`` (default ``~/.cache/accel_zero/assets``):
 
-* ``smollm2-135m-instruct/``: the real model, fp32 by default. fp32 because the main job
-  trains in fp32 (mixed_precision "no", measured faster than bf16 autocast on this CPU,
-  see recipes/README.md) and the engine keeps fp32 master shards anyway: a bf16 file would
-  round the dequantised Q4_1 values for nothing. The cost is 538 MB on disk; with ZeRO-3
-  on 2 ranks each rank holds 135 M / 2 params x 4 bytes = 270 MB of weights, ~1.1 GB of
-  model state with AdamW (params + grads + 2 moments), well inside this machine's memory.
+* ``smollm2-135m-instruct/``: the real model, fp32 by default. The engine keeps fp32 master
+  weights and optimizer state whatever the compute dtype (the main job computes in bf16), and
+  with ``lazy_init`` it initialises those masters straight from the checkpoint rows, so an
+  fp32 file keeps the dequantised Q4_1 values exact where a bf16 file would round them
+  before training starts. The cost is 538 MB on disk and, at load time, 270 MB of rows per
+  rank with 2 ranks; with AdamW the whole model state is ~0.8 GB per rank (see the
+  memory report the recipe prints), small next to this machine's memory.
 * ``tiny-llama/``: a 2-layer, 64-wide Llama built from a config with a fixed seed, sharing
   SmolLM2's tokenizer and chat template; it makes the integration test launch in seconds.
 
