@@ -14,13 +14,15 @@ plain ``nn.Module`` too:
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from torch import Tensor, nn
 
 __all__ = [
+    "explain_load_errors",
     "export_state_filter",
     "is_transformers_model",
     "no_split_module_classes",
@@ -124,3 +126,42 @@ def save_model_files(model: nn.Module, directory: Path, *, dtype: Any = None) ->
     config.save_pretrained(directory)
     if model.can_generate() and getattr(model, "generation_config", None) is not None:  # type: ignore[operator]
         model.generation_config.save_pretrained(directory)  # type: ignore[union-attr]
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(level=logging.WARNING)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.lines.extend(record.getMessage().splitlines())
+        except Exception:  # a broken log record must not break loading
+            pass
+
+
+@contextmanager
+def explain_load_errors() -> Iterator[None]:
+    """Turn transformers' "see the report above" load failures into errors naming the keys.
+
+    transformers logs a LOAD REPORT (key | status | details) and then raises a RuntimeError
+    that only points at it; under lazy_init the report's model shapes are this rank's rows.
+    """
+    handler = _Records()
+    hf_logger = logging.getLogger("transformers")
+    hf_logger.addHandler(handler)
+    try:
+        yield
+    except RuntimeError as exc:
+        if "ignore_mismatched_sizes" not in str(exc):
+            raise
+        rows = [line.strip() for line in handler.lines if "MISMATCH" in line and "|" in line]
+        raise ValueError(
+            "from_pretrained under lazy_init: checkpoint tensor shapes do not match the model "
+            "built from its config:\n  "
+            + "\n  ".join(rows or ["(see the LOAD REPORT logged above)"])
+            + "\n('model:' shapes are this rank's rows under lazy_init.) Fix config.json to "
+            "match the checkpoint, or pass ignore_mismatched_sizes=True to re-initialise them."
+        ) from exc
+    finally:
+        hf_logger.removeHandler(handler)

@@ -137,8 +137,8 @@ class _LazyContext:
 def _check_shardable(param: Tensor, where: str) -> None:
     if param.layout != torch.strided:
         raise TypeError(
-            f"lazy_init: parameter {where} has layout {param.layout}; only dense (strided) "
-            "parameters can be sharded along dim 0. Build this model outside lazy_init."
+            f"lazy_init: parameter {where} has layout {param.layout} and cannot be sharded along "
+            "dim 0 (only dense, strided parameters can). Build this model outside lazy_init."
         )
     if type(param) not in (nn.Parameter, Tensor) and not isinstance(param, nn.Parameter):
         raise TypeError(
@@ -301,7 +301,10 @@ def lazy_init(accelerator: Any = None) -> Iterator[DeviceMesh]:
             ctx.shard_module_params(child)
         return None
 
+    from accel_zero import hf
+
     with ExitStack() as stack:
+        stack.enter_context(hf.explain_load_errors())
         ctx.handles.append(nn.modules.module.register_module_parameter_registration_hook(on_param))
         ctx.handles.append(nn.modules.module.register_module_module_registration_hook(on_module))
         for handle in ctx.handles:
