@@ -584,6 +584,8 @@ def fused_adam_step(
         if len(sizes) != 1:
             raise ValueError(f"fused_adam_step: tensor {i}: sizes differ {sorted(sizes)}")
     device = params[0].device.type
+    if found_inf is not None and (found_inf.dtype != torch.float32 or found_inf.numel() != 1):
+        raise TypeError("fused_adam_step: found_inf must be a 1-element float32 tensor")
     kwargs: dict[str, Any] = {
         "lr": lr,
         "beta1": beta1,

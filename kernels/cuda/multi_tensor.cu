@@ -7,10 +7,13 @@
 // block b processes chunk b. Nothing here synchronises with the host.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <algorithm>
+#include <utility>
 #include <vector>
 
 namespace accel_zero_cuda {
@@ -61,10 +64,13 @@ inline std::pair<at::Tensor, Table> make_table(const std::vector<std::vector<at:
     h[(depth + 1) * n + c] = ct[c];
     h[(depth + 1) * n + chunks + c] = cs[c];
   }
-  at::Tensor dev = host.to(lists[0][0].device(), /*non_blocking=*/true);
+  at::Tensor dev = host.to(
+      at::TensorOptions().device(lists[0][0].device()).dtype(at::kLong), /*non_blocking=*/true);
   Table table{dev.data_ptr<int64_t>(), n, depth, chunks};
   return {dev, table};
 }
+
+__device__ __forceinline__ int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
 
 template <typename T>
 __device__ __forceinline__ float to_f(T x) {
@@ -103,7 +109,7 @@ __global__ void adam_kernel(Table table, AdamScalars s, const float* found_inf) 
   const int64_t c = blockIdx.x;
   const int t = table.tensor_of(c);
   const int64_t start = table.start_of(c);
-  const int64_t end = min(start + kChunk, table.numel(t));
+  const int64_t end = imin(start + kChunk, table.numel(t));
   float* p = static_cast<float*>(table.ptr(0, t));
   const G* g = static_cast<const G*>(table.ptr(1, t));
   float* m = static_cast<float*>(table.ptr(2, t));
@@ -134,7 +140,7 @@ __global__ void unscale_kernel(Table table, float inv_scale, float* found_inf) {
   const int64_t c = blockIdx.x;
   const int t = table.tensor_of(c);
   const int64_t start = table.start_of(c);
-  const int64_t end = min(start + kChunk, table.numel(t));
+  const int64_t end = imin(start + kChunk, table.numel(t));
   T* x = static_cast<T*>(table.ptr(0, t));
   bool bad = false;
   for (int64_t i = start + threadIdx.x; i < end; i += blockDim.x) {
@@ -151,7 +157,7 @@ __global__ void sumsq_kernel(Table table, float* partial) {
   const int64_t c = blockIdx.x;
   const int t = table.tensor_of(c);
   const int64_t start = table.start_of(c);
-  const int64_t end = min(start + kChunk, table.numel(t));
+  const int64_t end = imin(start + kChunk, table.numel(t));
   const T* x = static_cast<const T*>(table.ptr(0, t));
   float acc = 0.0f;
   for (int64_t i = start + threadIdx.x; i < end; i += blockDim.x) {
@@ -195,11 +201,12 @@ void fused_adam(const std::vector<at::Tensor>& params, const std::vector<at::Ten
                 double one_minus_beta2, double eps, double neg_step_size, double bc2_sqrt, double decay, double l2, double inv_scale,
                 const c10::optional<at::Tensor>& found_inf) {
   if (params.empty()) return;
-  const at::cuda::CUDAGuard guard(params[0].device());
+  const c10::cuda::CUDAGuard guard(params[0].device());
   std::vector<std::vector<at::Tensor>> lists{params, grads, exp_avgs, exp_avg_sqs};
   const bool has_copy = !copies.empty();
   if (has_copy) lists.push_back(copies);
-  auto [keep, table] = make_table(lists);
+  const auto made = make_table(lists);  // .first keeps the device table alive
+  const Table table = made.second;
   if (table.chunks == 0) return;
   AdamScalars s{static_cast<float>(one_minus_beta1), static_cast<float>(beta2),
                 static_cast<float>(one_minus_beta2), static_cast<float>(eps),           static_cast<float>(neg_step_size),
@@ -210,7 +217,7 @@ void fused_adam(const std::vector<at::Tensor>& params, const std::vector<at::Ten
   const at::ScalarType copy_type = has_copy ? copies[0].scalar_type() : at::kBFloat16;
   AZ_DISPATCH_FLOATING(grads[0].scalar_type(), G, [&] {
     AZ_DISPATCH_FLOATING(copy_type, C, [&] {
-      adam_kernel<G, C><<<table.chunks, kThreads, 0, stream>>>(table, s, inf_ptr);
+      adam_kernel<G, C><<<static_cast<unsigned int>(table.chunks), kThreads, 0, stream>>>(table, s, inf_ptr);
     });
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -219,7 +226,7 @@ void fused_adam(const std::vector<at::Tensor>& params, const std::vector<at::Ten
 void unscale_check_inf(const std::vector<at::Tensor>& tensors, double inv_scale,
                        at::Tensor found_inf) {
   if (tensors.empty()) return;
-  const at::cuda::CUDAGuard guard(tensors[0].device());
+  const c10::cuda::CUDAGuard guard(tensors[0].device());
   auto stream = at::cuda::getCurrentCUDAStream();
   // One launch per dtype: a table's kernel reads a single element type.
   for (at::ScalarType dt : {at::kFloat, at::kBFloat16, at::kHalf}) {
@@ -228,9 +235,10 @@ void unscale_check_inf(const std::vector<at::Tensor>& tensors, double inv_scale,
       if (t.scalar_type() == dt && t.numel() > 0) same.push_back(t);
     }
     if (same.empty()) continue;
-    auto [keep, table] = make_table({same});
+    const auto made = make_table({same});
+    const Table table = made.second;
     AZ_DISPATCH_FLOATING(dt, T, [&] {
-      unscale_kernel<T><<<table.chunks, kThreads, 0, stream>>>(
+      unscale_kernel<T><<<static_cast<unsigned int>(table.chunks), kThreads, 0, stream>>>(
           table, static_cast<float>(inv_scale), found_inf.data_ptr<float>());
     });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -239,7 +247,7 @@ void unscale_check_inf(const std::vector<at::Tensor>& tensors, double inv_scale,
 
 at::Tensor l2norm(const std::vector<at::Tensor>& tensors) {
   TORCH_CHECK(!tensors.empty(), "l2norm of an empty list");
-  const at::cuda::CUDAGuard guard(tensors[0].device());
+  const c10::cuda::CUDAGuard guard(tensors[0].device());
   auto stream = at::cuda::getCurrentCUDAStream();
   std::vector<at::Tensor> partials;
   for (at::ScalarType dt : {at::kFloat, at::kBFloat16, at::kHalf}) {
@@ -248,10 +256,11 @@ at::Tensor l2norm(const std::vector<at::Tensor>& tensors) {
       if (t.scalar_type() == dt && t.numel() > 0) same.push_back(t);
     }
     if (same.empty()) continue;
-    auto [keep, table] = make_table({same});
+    const auto made = make_table({same});
+    const Table table = made.second;
     at::Tensor partial = at::empty({table.chunks}, tensors[0].options().dtype(at::kFloat));
     AZ_DISPATCH_FLOATING(dt, T, [&] {
-      sumsq_kernel<T><<<table.chunks, kThreads, 0, stream>>>(table, partial.data_ptr<float>());
+      sumsq_kernel<T><<<static_cast<unsigned int>(table.chunks), kThreads, 0, stream>>>(table, partial.data_ptr<float>());
     });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     partials.push_back(partial);
