@@ -73,6 +73,12 @@ void adam_range_avx512(const AdamArgs& a, const TensorRefs& t, int64_t begin, in
   adam_scalar_range(a, t, i, end);
 }
 
+// Auto-vectorised under this unit's target pragma.
+void probe_range_avx512(float* p, const float* g, float* m, float* v, uint16_t* c, int64_t begin,
+                        int64_t end) {
+  probe_scalar_range(p, g, m, v, c, begin, end);
+}
+
 }  // namespace accel_zero_adam
 
 #pragma GCC pop_options

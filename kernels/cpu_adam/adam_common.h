@@ -127,7 +127,25 @@ static inline void adam_scalar_range(const AdamArgs& a, const TensorRefs& t, int
   }
 }
 
+// A memory-bound pass touching exactly Adam's bytes (4 fp32 arrays read, 3
+// written, optionally a 16-bit copy written), for the bandwidth bound of benchmarks.
+static inline void probe_scalar_range(float* p, const float* g, float* m, float* v, uint16_t* c,
+                                      int64_t begin, int64_t end) {
+  for (int64_t i = begin; i < end; ++i) {
+    const float gi = g[i];
+    const float pi = p[i] + gi;
+    p[i] = pi;
+    m[i] = m[i] + gi;
+    v[i] = v[i] + gi;
+    if (c != nullptr) c[i] = static_cast<uint16_t>(f32_bits(pi) >> 16);
+  }
+}
+
 void adam_range_avx512(const AdamArgs& a, const TensorRefs& t, int64_t begin, int64_t end);
 void adam_range_avx2(const AdamArgs& a, const TensorRefs& t, int64_t begin, int64_t end);
+void probe_range_avx512(float* p, const float* g, float* m, float* v, uint16_t* c, int64_t begin,
+                        int64_t end);
+void probe_range_avx2(float* p, const float* g, float* m, float* v, uint16_t* c, int64_t begin,
+                      int64_t end);
 
 }  // namespace accel_zero_adam

@@ -111,11 +111,38 @@ void step(const std::vector<uintptr_t>& params, const std::vector<uintptr_t>& gr
   }
 }
 
+using ProbeFn = void (*)(float*, const float*, float*, float*, uint16_t*, int64_t, int64_t);
+
+void probe_scalar(float* p, const float* g, float* m, float* v, uint16_t* c, int64_t b, int64_t e) {
+  probe_scalar_range(p, g, m, v, c, b, e);
+}
+
+// Same chunking and threads as step(), arithmetic reduced to one add per array.
+void bandwidth_probe(uintptr_t p, uintptr_t g, uintptr_t m, uintptr_t v, uintptr_t copy,
+                     int64_t n, int threads, const std::string& isa) {
+  const std::string which = isa.empty() ? best_isa() : isa;
+  range_fn(which);  // validates the ISA against this CPU
+  ProbeFn fn = which == "avx512" ? probe_range_avx512
+               : which == "avx2" ? probe_range_avx2
+                                 : probe_scalar;
+  const int64_t nchunks = (n + kChunk - 1) / kChunk;
+  if (threads <= 0) threads = omp_get_max_threads();
+  py::gil_scoped_release release;
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t c = 0; c < nchunks; ++c) {
+    const int64_t b = c * kChunk;
+    fn(reinterpret_cast<float*>(p), reinterpret_cast<const float*>(g), reinterpret_cast<float*>(m),
+       reinterpret_cast<float*>(v), reinterpret_cast<uint16_t*>(copy), b, std::min(n, b + kChunk));
+  }
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "accel_zero CPU Adam (see accel_zero/cpu_adam.py for the optimizer)";
   m.def("step", &step, "Adam/AdamW update of a list of fp32 tensors");
+  m.def("bandwidth_probe", &bandwidth_probe,
+        "memory-bound pass over Adam's bytes (benchmark reference)");
   m.def("best_isa", &best_isa, "widest instruction set this CPU supports");
   m.def("max_threads", [] { return omp_get_max_threads(); });
 }
