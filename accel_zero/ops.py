@@ -433,7 +433,7 @@ class AsyncIO:
         return len(results)
 
     def close(self) -> None:
-        """Wait for everything in flight (raising its errors) and stop the workers."""
+        """Wait for everything in flight, raising its errors (workers stop when collected)."""
         if self._requests:
             self.wait()
 
