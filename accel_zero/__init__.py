@@ -18,7 +18,15 @@ _EXPORTS = {
     "CPUAdam": "accel_zero.cpu_adam",
 }
 
-__all__ = [*_EXPORTS, "__version__"]
+__all__ = [
+    "Accelerator",
+    "CPUAdam",
+    "LossScaleConfig",
+    "OffloadConfig",
+    "ZeroConfig",
+    "__version__",
+    "lazy_init",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -226,6 +226,10 @@ class Accelerator(accelerate.Accelerator):
             "use clip_grad_norm_"
         )
 
+    def gathered_parameters(self, model: nn.Module) -> contextlib.AbstractContextManager[None]:
+        """Full parameters on every rank inside the block (read-only; all ranks enter)."""
+        return self.zero_engine(model).gathered_parameters()
+
     # ----------------------------------------------------------------- export
     def get_state_dict(self, model: nn.Module, unwrap: bool = True) -> dict[str, torch.Tensor]:
         """The full state dict on the main process (empty elsewhere), gathered unit by unit."""

@@ -17,11 +17,13 @@ Set-up (``Engine.__init__``):
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -117,6 +119,12 @@ class Engine:
         )
         self.hooks = HookDriver(self)
         self.hooks.install()
+        guard = self._guard_state_dict
+
+        def state_dict_guard(module: nn.Module, state_dict: Any, prefix: str, meta: Any) -> None:
+            guard(module, state_dict, prefix, meta)  # (torch tags the hook: a plain function)
+
+        self.hooks.handles.append(model.register_state_dict_post_hook(state_dict_guard))
 
     # ------------------------------------------------------------------ set-up
     def _owners(self) -> list[_Owner]:
@@ -371,6 +379,42 @@ class Engine:
                 "same modules in the same order: make data-dependent branches agree across ranks."
             )
 
+    def _sharded_now(self) -> list[str]:
+        return [
+            slot.fqn
+            for unit in self.units
+            if unit.resharded and unit.state is not UnitState.GATHERED
+            for slot in unit.slots
+        ]
+
+    def _guard_state_dict(self, module: nn.Module, state_dict: Any, prefix: str, meta: Any) -> None:
+        # model.state_dict() on a ZeRO-3 model outside forward would silently hold
+        # empty tensors (and save_pretrained would write them): refuse loudly.
+        sharded = self._sharded_now()
+        if sharded:
+            raise RuntimeError(
+                f"accel_zero rank {self.comm.rank}: model.state_dict() was called while "
+                f"{len(sharded)} parameters are sharded (ZeRO-3), e.g. {sharded[0]!r}. Use "
+                "accelerator.get_state_dict(model) or accelerator.save_model(model, dir) on "
+                "every rank, or read them inside `with accelerator.gathered_parameters(model):`."
+            )
+
+    @contextlib.contextmanager
+    def gathered_parameters(self) -> Iterator[None]:
+        """Every parameter full on every rank inside the block (all ranks must enter).
+
+        Read-only: changes made inside are not written back to the shards.
+        """
+        if self.coordinator.in_pass:
+            raise RuntimeError("gathered_parameters() cannot be used inside forward/backward")
+        for unit in self.units:
+            unit.finish_gather()
+        try:
+            yield
+        finally:
+            for unit in self.units:
+                unit.release()
+
     # ------------------------------------------------------------------ public
     def lookup(self, p: torch.Tensor) -> tuple[Unit, int] | None:
         """(unit, slot index) of a parameter, original (pre-replacement) or current."""
@@ -446,10 +490,11 @@ class Engine:
             yield chunk
         buffers: dict[str, torch.Tensor] = {}
         if main or not rank0_only:
-            persistent = set(self.model.state_dict(keep_vars=True).keys())
-            for name, buf in self.model.named_buffers():
-                if name in persistent:
-                    buffers[name] = buf.detach().to("cpu")
+            for mname, module in self.model.named_modules():
+                for bname, buf in module._buffers.items():
+                    if buf is not None and bname not in module._non_persistent_buffers_set:
+                        key = f"{mname}.{bname}" if mname else bname
+                        buffers[key] = buf.detach().to("cpu")
         yield buffers
 
     def full_state_dict(self, *, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:

@@ -108,7 +108,7 @@ def revert_weight_renames(model: nn.Module, state: dict[str, Tensor]) -> dict[st
         return state
     from transformers.core_model_loading import revert_weight_conversion
 
-    return dict(revert_weight_conversion(model, state))
+    return dict(revert_weight_conversion(model, state))  # type: ignore[arg-type]
 
 
 def save_model_files(model: nn.Module, directory: Path, *, dtype: Any = None) -> None:
@@ -119,13 +119,14 @@ def save_model_files(model: nn.Module, directory: Path, *, dtype: Any = None) ->
     """
     if not is_transformers_model(model):
         return
-    config = model.config  # type: ignore[attr-defined]
-    weights_dtype = dtype if dtype is not None else model.dtype  # type: ignore[attr-defined]
+    hf_model: Any = model
+    config = hf_model.config
+    weights_dtype = dtype if dtype is not None else hf_model.dtype
     config.dtype = str(weights_dtype).split(".")[-1]
     config.architectures = [type(model).__name__]
     config.save_pretrained(directory)
-    if model.can_generate() and getattr(model, "generation_config", None) is not None:  # type: ignore[operator]
-        model.generation_config.save_pretrained(directory)  # type: ignore[union-attr]
+    if hf_model.can_generate() and getattr(hf_model, "generation_config", None) is not None:
+        hf_model.generation_config.save_pretrained(directory)
 
 
 class _Records(logging.Handler):

@@ -198,7 +198,7 @@ class _InitOnShardsMode(TorchFunctionMode):
         if func in _RANDOM_METHODS or _is_init_function(func):
             in_kwargs = not args and "tensor" in kwargs
             target = kwargs["tensor"] if in_kwargs else (args[0] if args else None)
-            if is_lazy_param(target, self.mesh):
+            if isinstance(target, DTensor) and is_lazy_param(target, self.mesh):
                 return self._init_on_full(func, target, args, kwargs, in_kwargs)
         elif func is Tensor.copy_ and args and is_lazy_param(args[0], self.mesh):
             src = args[1] if len(args) > 1 else kwargs["src"]

@@ -73,12 +73,7 @@ def _check(world_size: int, spec: TrainSpec, extra: dict[str, Any] | None = None
         )
 
 
-GRID_W2 = [
-    (mp, accum, clip)
-    for mp in ("no", "bf16")
-    for accum in (1, 4)
-    for clip in (None, 0.5)
-]
+GRID_W2 = [(mp, accum, clip) for mp in ("no", "bf16") for accum in (1, 4) for clip in (None, 0.5)]
 
 
 @pytest.mark.parametrize(("mp", "accum", "clip"), GRID_W2)

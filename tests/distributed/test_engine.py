@@ -1,0 +1,295 @@
+"""Engine behaviour on 2 gloo ranks: collective counts, memory, counters, bad input.
+
+Counts are read from the engine's ``Comm`` (DESIGN D11: every collective goes
+through accel_zero/comm.py), per optimizer step, after the first (recording)
+step.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from tests.distributed.harness import RankFailure, run_ranks
+from tests.distributed.models import TinyLM, build_model, make_batches
+
+VOCAB = 96
+
+
+def _accelerator(**zero: Any) -> Any:
+    from accel_zero import Accelerator
+
+    return Accelerator(zero_config={"param_persistence_threshold": 0, **zero})
+
+
+def _step(accelerator: Any, model: nn.Module, optimizer: Any, x: torch.Tensor, clip: bool) -> None:
+    loss = model(input_ids=x, labels=x).loss
+    accelerator.backward(loss)
+    if clip:
+        accelerator.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    optimizer.zero_grad()
+
+
+def _counts_body(rank: int, world: int, zero: dict[str, Any], clip: bool) -> dict[str, Any]:
+    accelerator = _accelerator(**zero)
+    model = build_model("gpt2", seed=0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    engine = accelerator.zero_engine(model)
+    batches = make_batches(3, 3, world, 2, 16, VOCAB).for_rank(rank)
+    per_step = []
+    for x in batches:
+        before = dict(engine.comm.stats.calls)
+        _step(accelerator, model, optimizer, x, clip)
+        after = dict(engine.comm.stats.calls)
+        per_step.append({k: after.get(k, 0) - before.get(k, 0) for k in after})
+    units = [(u.name, u.resharded, u.module is model) for u in engine.units]
+    return {"per_step": per_step, "units": units, "stats": accelerator.zero_stats()}
+
+
+def test_collective_counts_stage3_default_reuse() -> None:
+    """Default reuse distance: one all-gather per unit per step, one reduce-scatter per unit."""
+    out = run_ranks(_counts_body, 2, {"stage": 3}, True, timeout=180)[0]
+    units = out["units"]
+    resharded = sum(1 for _, r, _ in units if r)
+    assert resharded == 3, units  # root (embeddings, final norm, tied head) + 2 GPT2Blocks
+    for step in out["per_step"][1:]:
+        assert step == {
+            "all_gather": resharded,
+            "reduce_scatter": len(units),
+            "check": 1,  # execution-order check, one per pass
+            "all_reduce": 1,  # global grad norm for clipping
+        }, step
+    stats = out["stats"]
+    assert stats["prefetch_hits"] > 0
+    assert stats["trace_invalidations"] == 0
+
+
+def test_collective_counts_stage3_no_reuse_no_prefetch() -> None:
+    """Reuse distance 0: blocks are released after forward and gathered again in backward,
+    except the last block, whose next use is the very next event."""
+    out = run_ranks(
+        _counts_body,
+        2,
+        {"stage": 3, "max_reuse_distance": 0, "prefetch_bucket_size": 0},
+        False,
+        timeout=180,
+    )[0]
+    blocks = sum(1 for _, r, root in out["units"] if r and not root)
+    first, later = out["per_step"][0], out["per_step"][1:]
+    # First step records the trace: everything released after forward, all re-gathered.
+    assert first["all_gather"] == 1 + 2 * blocks
+    for step in later:
+        assert step["all_gather"] == 1 + blocks + (blocks - 1), step
+        assert step["reduce_scatter"] == len(out["units"])
+    assert out["stats"]["prefetch_hits"] == 0
+
+
+def test_collective_counts_stage2() -> None:
+    """ZeRO-2: no gathers in forward; one reduce-scatter per unit and one all-gather per
+    unit after the step (the updated shards)."""
+    out = run_ranks(_counts_body, 2, {"stage": 2}, False, timeout=180)[0]
+    n = len(out["units"])
+    for step in out["per_step"]:
+        assert step.get("all_gather", 0) == n
+        assert step["reduce_scatter"] == n
+        assert "check" not in step
+
+
+def _memory_body(rank: int, world: int, stage: int) -> dict[str, Any]:
+    accelerator = _accelerator(stage=stage)
+    model = build_model("gpt2", seed=0)
+    n_params = sum(p.numel() for p in model.parameters())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    for x in make_batches(3, 2, world, 2, 16, VOCAB).for_rank(rank):
+        loss = model(input_ids=x, labels=x).loss
+        accelerator.backward(loss)
+        optimizer.step()
+        # Measured after the step, before zero_grad: params, grads and optimizer state all live,
+        # which is when DDP holds its 16 bytes per parameter too.
+        report = accelerator.memory_report()
+        optimizer.zero_grad()
+    return {"report": report, "n_params": n_params}
+
+
+def test_model_state_bytes_half_of_ddp_at_two_ranks() -> None:
+    out = run_ranks(_memory_body, 2, 3, timeout=180)
+    for rank_out in out:
+        n = rank_out["n_params"]
+        ddp = 16 * n  # fp32 params + grads + Adam exp_avg + exp_avg_sq on every DDP rank
+        state = rank_out["report"]["model_state_bytes"]
+        assert state <= 0.52 * ddp, (state, ddp, rank_out["report"])
+        # And not vanishingly small: each rank holds its half of all four.
+        assert state >= 0.45 * ddp
+        cpu = rank_out["report"]["per_device"]["cpu"]
+        assert cpu["gathered_params"] == 0  # nothing left gathered between steps
+        assert cpu["peak_gathered_params"] > 0
+
+
+def _stage3_state_dict_guard_body(rank: int, world: int) -> str:
+    accelerator = _accelerator(stage=3)
+    model = build_model("gpt2", seed=0)
+    model = accelerator.prepare(model)
+    try:
+        model.state_dict()
+    except RuntimeError as exc:
+        msg = str(exc)
+    else:
+        msg = "no error"
+    with accelerator.gathered_parameters(model):
+        full = {k: v.clone() for k, v in model.state_dict().items()}
+    ref = build_model("gpt2", seed=0).state_dict()
+    for k, v in ref.items():
+        assert torch.equal(full[k], v), k
+    return msg
+
+
+def test_state_dict_outside_forward_is_a_clear_error_and_gathered_parameters_works() -> None:
+    msgs = run_ranks(_stage3_state_dict_guard_body, 2, timeout=180)
+    for rank, msg in enumerate(msgs):
+        assert f"rank {rank}" in msg and "sharded" in msg and "get_state_dict" in msg, msg
+
+
+def _no_params_body(rank: int, world: int) -> str:
+    accelerator = _accelerator(stage=3)
+    try:
+        accelerator.prepare(nn.ReLU())
+    except ValueError as exc:
+        return str(exc)
+    return "no error"
+
+
+def _foreign_param_body(rank: int, world: int) -> str:
+    accelerator = _accelerator(stage=3)
+    model = build_model("gpt2", seed=0)
+    stray = nn.Parameter(torch.zeros(7, 3))
+    optimizer = torch.optim.AdamW([*model.parameters(), stray], lr=1e-3)
+    try:
+        accelerator.prepare(model, optimizer)
+    except ValueError as exc:
+        return str(exc)
+    return "no error"
+
+
+def test_model_without_parameters_is_rejected() -> None:
+    msg = run_ranks(_no_params_body, 2, timeout=120)[0]
+    assert "ReLU has no parameters" in msg
+
+
+def test_optimizer_with_parameter_outside_model_is_rejected() -> None:
+    msg = run_ranks(_foreign_param_body, 2, timeout=120)[0]
+    assert "not in any prepared model" in msg and "(7, 3)" in msg and "rank 0" in msg
+
+
+class _Swapped(TinyLM):
+    """Two identical blocks whose order depends on the rank: same sizes, different order."""
+
+    _no_split_modules = ["Block"]  # noqa: RUF012
+
+    def body(self, x: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        order = self.blocks if dist.get_rank() == 0 else list(reversed(self.blocks))
+        for block in order:
+            x = block(x)
+        return x
+
+
+def _order_body(rank: int, world: int) -> str:
+    accelerator = _accelerator(stage=3)
+    torch.manual_seed(0)
+    model = _Swapped(vocab=VOCAB)
+    model = accelerator.prepare(model)
+    x = torch.randint(0, VOCAB, (2, 8))
+    try:
+        with torch.no_grad():
+            model(input_ids=x)
+    except RuntimeError as exc:
+        return str(exc)
+    return "no error"
+
+
+def test_ranks_running_different_order_get_a_clear_error() -> None:
+    msgs = run_ranks(_order_body, 2, timeout=120)
+    for rank, msg in enumerate(msgs):
+        assert f"rank {rank}" in msg and "ranks ran different modules" in msg, msg
+
+
+def _trace_change_body(rank: int, world: int) -> dict[str, Any]:
+    accelerator = _accelerator(stage=3)
+    model = build_model("sometimes", seed=0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    for x in make_batches(3, 4, world, 2, 16, VOCAB).for_rank(rank):
+        _step(accelerator, model, optimizer, x, False)
+    # Evaluation in between (no gradients) is another kind of pass, with its own trace.
+    with torch.no_grad():
+        model(input_ids=x)
+    return accelerator.zero_stats()
+
+
+def test_changing_execution_order_invalidates_the_trace_without_hanging() -> None:
+    stats = run_ranks(_trace_change_body, 2, timeout=180)[0]
+    assert stats["trace_invalidations"] >= 1
+    assert stats["traces_recorded"] >= 2
+
+
+def _fp16_overflow_body(rank: int, world: int) -> dict[str, Any]:
+    from accel_zero import Accelerator
+
+    accelerator = Accelerator(
+        mixed_precision="fp16",
+        zero_config={"stage": 3, "param_persistence_threshold": 0, "loss_scale": {"hysteresis": 1}},
+    )
+    model = build_model("plain", seed=0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    before = {k: v.clone() for k, v in accelerator.get_state_dict(model).items()}
+    scale0 = accelerator._zero_scaler.scale
+    x = torch.randint(0, VOCAB, (2, 8))
+    loss = model(input_ids=x, labels=x).loss
+    if rank == 1:
+        loss = loss * float("inf")  # overflow on one rank only
+    accelerator.backward(loss)
+    optimizer.step()
+    optimizer.zero_grad()
+    skipped = optimizer.step_was_skipped
+    after = accelerator.get_state_dict(model)
+    unchanged = all(torch.equal(before[k], after[k]) for k in before) if rank == 0 else True
+    return {
+        "skipped": skipped,
+        "scale0": scale0,
+        "scale1": accelerator._zero_scaler.scale,
+        "unchanged": unchanged,
+    }
+
+
+def test_fp16_overflow_on_one_rank_skips_the_step_on_every_rank() -> None:
+    out = run_ranks(_fp16_overflow_body, 2, timeout=180)
+    for rank_out in out:
+        assert rank_out["skipped"] is True
+        assert rank_out["scale1"] == rank_out["scale0"] / 2
+    assert out[0]["unchanged"]
+
+
+def test_bad_stage_is_rejected_before_any_process_group() -> None:
+    from accel_zero import ZeroConfig
+
+    with pytest.raises(ValueError, match="stage"):
+        ZeroConfig.from_dict({"stage": 4})
+
+
+def test_rank_failure_names_the_rank() -> None:
+    """A rank that errors inside the engine surfaces with its rank (harness + Comm errors)."""
+    with pytest.raises(RankFailure, match="rank 0"):
+        run_ranks(_no_params_raise_body, 2, timeout=120)
+
+
+def _no_params_raise_body(rank: int, world: int) -> None:
+    accelerator = _accelerator(stage=3)
+    accelerator.prepare(nn.ReLU())
