@@ -22,18 +22,26 @@ carries every failing rank's traceback. If ranks are still running at
 ``faulthandler`` just before the deadline) are in the error, so a hang names
 the line it hung on.
 
+``RankPool(world_size)`` keeps the rank processes alive across calls
+(``run_ranks(..., pool=pool)`` or ``pool.run(fn, *args)``), which saves the
+seconds each rank spends importing torch, transformers and accelerate; the
+``rank_pool`` fixture in tests/conftest.py hands out one pool per world size
+for the whole session.
+
 Results travel through one pickle file per rank in a temporary folder, which
 avoids the classic deadlock of joining a process whose queue is not drained.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import faulthandler
 import multiprocessing as mp
 import os
 import pickle
 import socket
+import sys
 import tempfile
 import time
 import traceback
@@ -45,7 +53,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["RankFailure", "find_free_port", "init_pg", "run_ranks"]
+__all__ = ["RankFailure", "RankPool", "find_free_port", "init_pg", "run_ranks"]
 
 # How long a rank's Python stack dump precedes the harness's own deadline.
 _STACK_DUMP_LEAD_S = 2.0
@@ -114,6 +122,38 @@ class init_pg:
         self.teardown()
 
 
+def _run_task(
+    fn: Callable[..., Any],
+    rank: int,
+    world_size: int,
+    args: tuple[Any, ...],
+    out_dir: str,
+    deadline_wall: float,
+) -> None:
+    """Run ``fn`` on this rank and write its outcome to ``out_dir/result{rank}.pkl``."""
+    out = Path(out_dir)
+    with open(out / f"stack{rank}.txt", "w") as stack_file:
+        # Wall-clock deadline from the parent: spawn start-up (importing torch)
+        # eats seconds that a timer started here would not see.
+        stack_dump_after = deadline_wall - time.time() - _STACK_DUMP_LEAD_S
+        if stack_dump_after > 0:
+            faulthandler.dump_traceback_later(stack_dump_after, exit=False, file=stack_file)
+        try:
+            result = fn(rank, world_size, *args)
+            payload = pickle.dumps(("ok", result))
+        except BaseException:
+            payload = pickle.dumps(("error", traceback.format_exc()))
+        finally:
+            faulthandler.cancel_dump_traceback_later()
+            if dist.is_initialized():
+                # Leave no half-open group behind; errors here must not mask fn's.
+                with contextlib.suppress(Exception):
+                    dist.destroy_process_group()
+    tmp = out / f"result{rank}.pkl.tmp"
+    tmp.write_bytes(payload)
+    tmp.rename(out / f"result{rank}.pkl")  # atomic: the parent never reads half a file
+
+
 def _rank_main(
     fn: Callable[..., Any],
     rank: int,
@@ -123,33 +163,136 @@ def _rank_main(
     out_dir: str,
     deadline_wall: float,
 ) -> None:
-    """Entry point of one spawned rank: run ``fn`` and write its outcome."""
+    """Entry point of one spawned rank (``run_ranks`` without a pool)."""
     os.environ.update(env)
     torch.set_num_threads(1)
-    out = Path(out_dir)
-    stack_file = open(out / f"stack{rank}.txt", "w")
-    # Wall-clock deadline from the parent: spawn start-up (importing torch) eats
-    # seconds that a timer started here would not see.
-    stack_dump_after = deadline_wall - time.time() - _STACK_DUMP_LEAD_S
-    if stack_dump_after > 0:
-        faulthandler.dump_traceback_later(stack_dump_after, exit=False, file=stack_file)
-    try:
-        result = fn(rank, world_size, *args)
-        payload = pickle.dumps(("ok", result))
-    except BaseException:
-        payload = pickle.dumps(("error", traceback.format_exc()))
-    finally:
-        faulthandler.cancel_dump_traceback_later()
-        if dist.is_initialized():
-            # Leave no half-open group behind; errors here must not mask fn's.
+    _run_task(fn, rank, world_size, args, out_dir, deadline_wall)
+
+
+def _reset_accelerate_state() -> None:
+    """Forget Accelerate's process-wide state so the next task starts fresh."""
+    if "accelerate.state" not in sys.modules:
+        return
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def _pool_worker(rank: int, world_size: int, tasks: Any) -> None:
+    """A pool rank: run tasks until ``None``, each with fresh env and process group."""
+    torch.set_num_threads(1)
+    base_env = dict(os.environ)
+    while True:
+        task = tasks.get()
+        if task is None:
+            return
+        fn, args, env, out_dir, deadline_wall = task
+        os.environ.clear()
+        os.environ.update(base_env)
+        os.environ.update(env)
+        try:
+            _run_task(fn, rank, world_size, args, out_dir, deadline_wall)
+        finally:
+            _reset_accelerate_state()
+            torch.set_num_threads(1)
+
+
+def _torchrun_env(rank: int, world_size: int, port: int, extra: Mapping[str, str] | None) -> dict:
+    return {
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+        "RANK": str(rank),
+        "LOCAL_RANK": str(rank),
+        "WORLD_SIZE": str(world_size),
+        "LOCAL_WORLD_SIZE": str(world_size),
+        "GROUP_RANK": "0",
+        "OMP_NUM_THREADS": "1",
+        **(dict(extra) if extra else {}),
+    }
+
+
+class RankPool:
+    """``world_size`` rank processes kept alive to run many functions in turn.
+
+    Spawning ranks and importing torch, transformers and accelerate in each
+    costs seconds per test on a small machine; a pool pays it once. Each
+    ``run`` gets a fresh port, environment and (if ``fn`` makes one) process
+    group; Accelerate's process-wide state is reset after each task. After
+    any failure or timeout the workers are killed (a rank may be wedged in a
+    collective) and the next ``run`` spawns new ones. Use ``run_ranks`` for
+    tests whose point is a fresh process (peak RSS, start-up, os._exit).
+    """
+
+    def __init__(self, world_size: int) -> None:
+        if world_size < 1:
+            raise ValueError(f"world_size must be >= 1, got {world_size}")
+        self.world_size = world_size
+        self._procs: list[Any] = []
+        self._queues: list[Any] = []
+
+    def _start(self) -> None:
+        ctx = mp.get_context("spawn")
+        self._queues = [ctx.SimpleQueue() for _ in range(self.world_size)]
+        self._procs = [
+            ctx.Process(
+                target=_pool_worker,
+                args=(rank, self.world_size, self._queues[rank]),
+                name=f"pool-rank{rank}",
+                daemon=True,
+            )
+            for rank in range(self.world_size)
+        ]
+        for proc in self._procs:
+            proc.start()
+
+    def run(
+        self,
+        fn: Callable[..., Any],
+        *args: Any,
+        timeout: float = 120.0,
+        env: Mapping[str, str] | None = None,
+        failure_grace: float = 10.0,
+    ) -> list[Any]:
+        """Like ``run_ranks(fn, self.world_size, *args, ...)`` on the pooled ranks."""
+        if not self._procs or not all(p.is_alive() for p in self._procs):
+            self.close()
+            self._start()
+        port = find_free_port()
+        deadline_wall = time.time() + timeout
+        with tempfile.TemporaryDirectory(prefix="accel_zero_ranks_") as tmp:
+            for rank, queue in enumerate(self._queues):
+                rank_env = _torchrun_env(rank, self.world_size, port, env)
+                queue.put((fn, args, rank_env, tmp, deadline_wall))
             try:
-                dist.destroy_process_group()
-            except Exception:
-                pass
-    tmp = out / f"result{rank}.pkl.tmp"
-    tmp.write_bytes(payload)
-    tmp.rename(out / f"result{rank}.pkl")  # atomic: the parent never reads half a file
-    stack_file.close()
+                return _wait(self._procs, Path(tmp), timeout=timeout, failure_grace=failure_grace)
+            except RankFailure:
+                self.close()
+                raise
+
+    def close(self) -> None:
+        """Stop the workers (idempotent)."""
+        for proc, queue in zip(self._procs, self._queues, strict=True):
+            if proc.is_alive():
+                with contextlib.suppress(Exception):
+                    queue.put(None)
+        for proc in self._procs:
+            proc.join(2.0)
+            if proc.is_alive():
+                proc.kill()
+                proc.join(5.0)
+        self._procs, self._queues = [], []
+
+    def __enter__(self) -> RankPool:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
 
 
 def _read_result(out: Path, rank: int) -> tuple[str, Any] | None:
@@ -166,49 +309,57 @@ def run_ranks(
     timeout: float = 120.0,
     env: Mapping[str, str] | None = None,
     failure_grace: float = 10.0,
+    pool: RankPool | None = None,
 ) -> list[Any]:
-    """Run ``fn(rank, world_size, *args)`` on ``world_size`` spawned ranks.
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` ranks.
 
     Returns the ranks' return values in rank order. Raises ``RankFailure`` (an
     ``AssertionError``) naming every failing rank with its traceback, or the
     ranks still running at ``timeout`` with their stacks; never waits longer
-    than ``timeout`` (+ a second or two to kill and reap).
+    than ``timeout`` (+ a few seconds to kill and reap). Fresh processes
+    unless ``pool`` (a ``RankPool`` of the same world size) is given.
     """
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
+    if pool is not None:
+        if pool.world_size != world_size:
+            raise ValueError(f"pool has world size {pool.world_size}, asked for {world_size}")
+        return pool.run(fn, *args, timeout=timeout, env=env, failure_grace=failure_grace)
     ctx = mp.get_context("spawn")
     port = find_free_port()
     deadline_wall = time.time() + timeout
     with tempfile.TemporaryDirectory(prefix="accel_zero_ranks_") as tmp:
-        out = Path(tmp)
         procs = []
-        for rank in range(world_size):
-            rank_env = {
-                "MASTER_ADDR": "127.0.0.1",
-                "MASTER_PORT": str(port),
-                "RANK": str(rank),
-                "LOCAL_RANK": str(rank),
-                "WORLD_SIZE": str(world_size),
-                "LOCAL_WORLD_SIZE": str(world_size),
-                "GROUP_RANK": "0",
-                "OMP_NUM_THREADS": "1",
-                **(dict(env) if env else {}),
-            }
-            proc = ctx.Process(
-                target=_rank_main,
-                args=(fn, rank, world_size, args, rank_env, tmp, deadline_wall),
-                name=f"rank{rank}",
-                daemon=True,
-            )
-            proc.start()
-            procs.append(proc)
-        return _wait(procs, out, timeout=timeout, failure_grace=failure_grace)
+        try:
+            for rank in range(world_size):
+                proc = ctx.Process(
+                    target=_rank_main,
+                    args=(
+                        fn,
+                        rank,
+                        world_size,
+                        args,
+                        _torchrun_env(rank, world_size, port, env),
+                        tmp,
+                        deadline_wall,
+                    ),
+                    name=f"rank{rank}",
+                    daemon=True,
+                )
+                proc.start()
+                procs.append(proc)
+            return _wait(procs, Path(tmp), timeout=timeout, failure_grace=failure_grace)
+        finally:
+            for proc in procs:  # reaped on success; killed if the caller was interrupted
+                if proc.is_alive():
+                    proc.kill()
+                    proc.join(5.0)
 
 
 def _wait(procs: list[Any], out: Path, *, timeout: float, failure_grace: float) -> list[Any]:
+    """Collect every rank's result file; kill stragglers after a failure or at timeout."""
     world_size = len(procs)
-    start = time.monotonic()
-    deadline = start + timeout
+    deadline = time.monotonic() + timeout
     first_failure_at: float | None = None
     outcomes: dict[int, tuple[str, Any]] = {}
     reason = ""
@@ -216,19 +367,20 @@ def _wait(procs: list[Any], out: Path, *, timeout: float, failure_grace: float) 
         for rank, proc in enumerate(procs):
             if rank in outcomes:
                 continue
-            if not proc.is_alive():
-                proc.join()
-                # The result file is written before the process exits.
-                res = _read_result(out, rank)
+            res = _read_result(out, rank)
+            if res is None and not proc.is_alive():
+                res = _read_result(out, rank)  # written just before it exited?
                 if res is None:
                     res = (
                         "error",
                         f"process exited with code {proc.exitcode} and no result "
-                        "(killed by a signal or os._exit?)",
+                        "(killed by a signal or os._exit?); its output is above",
                     )
-                outcomes[rank] = res
-                if res[0] == "error" and first_failure_at is None:
-                    first_failure_at = time.monotonic()
+            if res is None:
+                continue
+            outcomes[rank] = res
+            if res[0] == "error" and first_failure_at is None:
+                first_failure_at = time.monotonic()
         if len(outcomes) == world_size:
             break
         now = time.monotonic()

@@ -105,3 +105,50 @@ def test_hanging_rank_is_killed_at_timeout_with_its_stack() -> None:
 def test_rank_that_exits_without_result_is_reported() -> None:
     with pytest.raises(RankFailure, match="exited with code 3"):
         run_ranks(_hard_exit, 1, timeout=60)
+
+
+def _pid_env_and_group(rank: int, world_size: int, tag: str) -> dict:
+    leaked = os.environ.get("HARNESS_LEAK")
+    os.environ["HARNESS_LEAK"] = tag  # must not be seen by the next task
+    with init_pg(rank, world_size):
+        t = torch.ones(1)
+        dist.all_reduce(t)
+    return {"pid": os.getpid(), "leaked": leaked, "sum": t.item(), "tag": os.environ["TAG"]}
+
+
+def _accelerate_state(rank: int, world_size: int) -> tuple:
+    from accelerate import PartialState
+
+    state = PartialState(cpu=True)
+    t = torch.ones(1)
+    dist.all_reduce(t)
+    return state.num_processes, state.process_index, state.distributed_type.value, t.item()
+
+
+def test_pool_reuses_ranks_with_fresh_env_and_process_group_each_task() -> None:
+    from tests.distributed.harness import RankPool
+
+    with RankPool(2) as pool:
+        first = pool.run(_pid_env_and_group, "a", env={"TAG": "one"})
+        second = run_ranks(_pid_env_and_group, 2, "b", env={"TAG": "two"}, pool=pool)
+    assert [o["pid"] for o in first] == [o["pid"] for o in second]  # same processes
+    assert [o["leaked"] for o in first + second] == [None] * 4
+    assert [o["tag"] for o in first + second] == ["one", "one", "two", "two"]
+    assert all(o["sum"] == 2.0 for o in first + second)
+    with pytest.raises(ValueError, match="pool has world size 2, asked for 4"):
+        run_ranks(_pid_env_and_group, 4, "c", pool=pool)
+
+
+def test_pool_restarts_after_a_failure_and_resets_accelerate_state() -> None:
+    from tests.distributed.harness import RankPool
+
+    with RankPool(2) as pool:
+        before = pool.run(_pid_env_and_group, "a", env={"TAG": "x"})
+        with pytest.raises(RankFailure, match="deliberate failure on rank 1"):
+            pool.run(_fail_on_odd_ranks)
+        after = pool.run(_pid_env_and_group, "a", env={"TAG": "x"})
+        assert {o["pid"] for o in before}.isdisjoint(o["pid"] for o in after)
+        # Accelerate's process-wide state is rebuilt for every task.
+        first = pool.run(_accelerate_state)
+        second = pool.run(_accelerate_state)
+    assert first == second == [(2, 0, "MULTI_CPU", 2.0), (2, 1, "MULTI_CPU", 2.0)]
