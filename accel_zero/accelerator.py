@@ -121,7 +121,12 @@ class Accelerator(accelerate.Accelerator):
     # ---------------------------------------------------------------- engines
     @property
     def _param_dtype(self) -> torch.dtype | None:
-        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(str(self.mixed_precision))
+        """Dtype floating parameters are cast to (None: keep theirs)."""
+        mixed = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(str(self.mixed_precision))
+        if mixed is None or self.zero_config.param_dtype is None:
+            return mixed
+        wanted = _DTYPES[self.zero_config.param_dtype]
+        return None if wanted == torch.float32 else wanted
 
     def zero_engine(self, model: nn.Module) -> Engine:
         """The engine installed on ``model`` by ``prepare``."""

@@ -388,6 +388,11 @@ class ZeroConfig(_ConfigBase):
     """Run gathers and gradient reductions asynchronously, overlapping compute."""
     reduce_dtype: str | None = None
     """dtype gradients are reduced in: None (= fp32), 'fp32', 'bf16' or 'fp16'."""
+    param_dtype: str | None = None
+    """dtype parameters are stored, gathered and computed in under bf16/fp16 mixed precision:
+    None (= the mixed-precision dtype: half the gather traffic and gathered memory, as
+    DeepSpeed and FSDP2's param_dtype) or 'fp32' (fp32 parameters under autocast, exactly
+    Accelerate's mixed precision). fp32 master weights are kept either way."""
     units: tuple[str, ...] | None = None
     """Module class names gathered together as one unit; None = ``model._no_split_modules``."""
     mixed_precision: str | None = None
@@ -426,6 +431,10 @@ class ZeroConfig(_ConfigBase):
         if values["reduce_dtype"] is not None:
             out["reduce_dtype"] = _parse_choice(
                 values["reduce_dtype"], f"{path}.reduce_dtype", _REDUCE_DTYPES, _DTYPE_ALIASES
+            )
+        if values["param_dtype"] is not None:
+            out["param_dtype"] = _parse_choice(
+                values["param_dtype"], f"{path}.param_dtype", _REDUCE_DTYPES, _DTYPE_ALIASES
             )
         out["units"] = _parse_units(values["units"], f"{path}.units")
         if values["mixed_precision"] is not None:

@@ -31,7 +31,7 @@ from torch import nn
 from accel_zero.comm import Comm
 from accel_zero.config import ZeroConfig
 from accel_zero.coordinator import Coordinator
-from accel_zero.grads import UnitGrads
+from accel_zero.grads import ReduceBuckets, UnitGrads
 from accel_zero.hooks import HookDriver
 from accel_zero.partition import ParamSlot, Unit, UnitState, copy_out_rows
 from accel_zero.tracer import MemoryTracer
@@ -116,6 +116,9 @@ class Engine:
             prefetch_bucket_size=config.prefetch_bucket_size,
             max_live_parameters=config.max_live_parameters,
             max_reuse_distance=config.max_reuse_distance,
+        )
+        self.buckets = ReduceBuckets(
+            config.reduce_bucket_size, ctx.reduce_dtype, async_op=config.overlap_comm
         )
         self.hooks = HookDriver(self)
         self.hooks.install()

@@ -23,7 +23,7 @@ from accel_zero.comm import PendingWork
 from accel_zero.partition import Unit, copy_in_rows
 from accel_zero.tracer import MemoryTracer
 
-__all__ = ["UnitGrads"]
+__all__ = ["ReduceBuckets", "UnitGrads"]
 
 
 class UnitGrads:
@@ -53,30 +53,25 @@ class UnitGrads:
         self.ready += 1
         return self.ready == self.expected
 
-    def reduce(self, async_op: bool) -> None:
-        """Reduce-scatter the unit's full gradients (zeros where a parameter got none)."""
-        if self.reduced or self.expected == 0:
-            return
-        unit = self.unit
-        world = unit.comm.world_size
-        flat = torch.empty(world * unit.numel, dtype=self.reduce_dtype, device=unit.device)
-        flat2d = flat.view(world, unit.numel)
-        for i, slot in enumerate(unit.slots):
+    @property
+    def wants_reduce(self) -> bool:
+        return not self.reduced and self.expected > 0
+
+    def pack(self, flat2d: torch.Tensor) -> None:
+        """Copy the unit's full gradients into its ``(world, S)`` columns of a bucket, free them.
+
+        Zeros where a parameter got no gradient.
+        """
+        world = self.unit.comm.world_size
+        for i, slot in enumerate(self.unit.slots):
             grad = slot.param.grad if slot.requires_grad else None
             self.had_grad[i] |= grad is not None
             copy_in_rows(grad, slot, world, flat2d)
             slot.param.grad = None
-        if self.reduce_dtype != torch.float32 and world > 1:
-            # Low-precision sums: divide first so the sum cannot overflow.
-            flat.div_(world)
-        out = torch.empty(unit.numel, dtype=self.reduce_dtype, device=unit.device)
-        work = unit.comm.reduce_scatter(
-            out, flat, what=f"reduce_scatter of unit {unit.name} gradients", async_op=async_op
-        )
-        self._pending = (work, out, flat)
         self.reduced = True
-        if not async_op:
-            self.finish()
+
+    def pending(self, work: PendingWork, out: torch.Tensor, flat: torch.Tensor) -> None:
+        self._pending = (work, out, flat)
 
     def finish(self) -> None:
         """Wait for the reduction and accumulate the averaged shard into ``acc``."""
@@ -106,3 +101,58 @@ class UnitGrads:
         if self.acc is None or not self.had_grad[index]:
             return None
         return self.unit.shard_view(self.unit.slots[index], self.acc)
+
+
+class ReduceBuckets:
+    """Coalesces completed units into reduce-scatters of up to ``bucket_size`` elements.
+
+    A unit joins the open bucket when its gradients are complete; the bucket is
+    sent (one collective) once it holds ``bucket_size`` elements, and whatever
+    is left at the end of backward is sent then. [Note: reduce order] holds
+    because buckets fill in completion order, the same on every rank.
+    """
+
+    def __init__(self, bucket_size: int, reduce_dtype: torch.dtype, async_op: bool) -> None:
+        self.bucket_size = bucket_size
+        self.reduce_dtype = reduce_dtype
+        self.async_op = async_op
+        self._open: list[UnitGrads] = []
+        self._numel = 0
+
+    def add(self, grads: UnitGrads) -> None:
+        if not grads.wants_reduce or grads in self._open:
+            return
+        self._open.append(grads)
+        self._numel += grads.unit.numel * grads.unit.comm.world_size
+        if self._numel >= self.bucket_size:
+            self.flush()
+
+    def flush(self) -> None:
+        """Send the open bucket (one reduce-scatter for all its units)."""
+        members, self._open, self._numel = self._open, [], 0
+        if not members:
+            return
+        first = members[0].unit
+        comm, world, device = first.comm, first.comm.world_size, first.device
+        total = sum(g.unit.numel for g in members)
+        flat = torch.empty(world * total, dtype=self.reduce_dtype, device=device)
+        flat2d = flat.view(world, total)
+        col = 0
+        for g in members:
+            g.pack(flat2d[:, col : col + g.unit.numel])
+            col += g.unit.numel
+        if self.reduce_dtype != torch.float32 and world > 1:
+            flat.div_(world)  # low-precision sums: divide first so they cannot overflow
+        # The output is laid out like the input's row: each unit's shard at its column.
+        out = torch.empty(total, dtype=self.reduce_dtype, device=device)
+        names = ", ".join(g.unit.name for g in members)
+        work = comm.reduce_scatter(
+            out, flat, what=f"reduce_scatter of gradients of {names}", async_op=self.async_op
+        )
+        col = 0
+        for g in members:
+            g.pending(work, out[col : col + g.unit.numel], flat)
+            col += g.unit.numel
+        if not self.async_op:
+            for g in members:
+                g.finish()

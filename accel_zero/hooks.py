@@ -216,7 +216,7 @@ class HookDriver:
         unit = engine.units[index]
         if engine.skip_reduction():
             return  # ZeRO-1 under no_sync: gradients accumulate in param.grad
-        engine.unit_grads[index].reduce(async_op=engine.config.overlap_comm)
+        engine.buckets.add(engine.unit_grads[index])
         if unit.resharded and unit not in engine.pass_units:
             if not engine.coordinator.keep_gathered(index, engine.live_numel()):
                 unit.release()
@@ -228,8 +228,9 @@ class HookDriver:
         if not engine.skip_reduction():
             # [Note: reduce order] leftovers in unit order, then wait for all.
             for index, grads in enumerate(engine.unit_grads):
-                if not grads.reduced and engine.unit_ran(index):
-                    grads.reduce(async_op=engine.config.overlap_comm)
+                if engine.unit_ran(index):
+                    engine.buckets.add(grads)
+            engine.buckets.flush()
             for grads in engine.unit_grads:
                 grads.finish()
             engine.ran_units.clear()

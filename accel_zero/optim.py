@@ -112,6 +112,9 @@ class ZeroOptimizer:
         self.scaler = scaler
         self.step_was_skipped = False
         self._unscaled = False
+        self._clipped = False
+        self.auto_clip = engines[0].config.gradient_clipping
+        """DeepSpeed's ``gradient_clipping``: applied at step unless the loop clipped already."""
         self.entries: list[_Entry] = []
         self._by_param: dict[int, _Entry] = {}
         self._repoint(optimizer)
@@ -217,6 +220,7 @@ class ZeroOptimizer:
             coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
             if grads:
                 torch._foreach_mul_(grads, coef)
+        self._clipped = True
         return norm
 
     # --------------------------------------------------------------------- step
@@ -236,9 +240,12 @@ class ZeroOptimizer:
             if found_inf:
                 self.step_was_skipped = True
                 self._unscaled = False
+                self._clipped = False
                 self.zero_grad()
                 return None
         self.unscale_()
+        if self.auto_clip and not self._clipped:
+            self.clip_grad_norm_(None, self.auto_clip)
         self._attach_grads()
         result = self.optimizer.step(closure)
         touched: dict[int, set[int]] = {}
@@ -252,6 +259,7 @@ class ZeroOptimizer:
         for e in self.entries:
             e.master.grad = None
         self._unscaled = False
+        self._clipped = False
         return result
 
     def zero_grad(self, set_to_none: bool = True) -> None:

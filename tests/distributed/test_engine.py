@@ -22,7 +22,9 @@ VOCAB = 96
 def _accelerator(**zero: Any) -> Any:
     from accel_zero import Accelerator
 
-    return Accelerator(zero_config={"param_persistence_threshold": 0, **zero})
+    # reduce_bucket_size 1: every unit is its own bucket, so counts are per unit.
+    base = {"param_persistence_threshold": 0, "reduce_bucket_size": 1}
+    return Accelerator(zero_config={**base, **zero})
 
 
 def _step(accelerator: Any, model: nn.Module, optimizer: Any, x: torch.Tensor, clip: bool) -> None:
@@ -87,6 +89,16 @@ def test_collective_counts_stage3_no_reuse_no_prefetch() -> None:
         assert step["all_gather"] == 1 + blocks + (blocks - 1), step
         assert step["reduce_scatter"] == len(out["units"])
     assert out["stats"]["prefetch_hits"] == 0
+
+
+def test_small_units_share_one_reduce_bucket() -> None:
+    """With the default reduce_bucket_size the tiny model's units are coalesced into one
+    reduce-scatter per step."""
+    out = run_ranks(
+        _counts_body, 2, {"stage": 3, "reduce_bucket_size": "500M"}, False, timeout=180
+    )[0]
+    for step in out["per_step"]:
+        assert step["reduce_scatter"] == 1, step
 
 
 def test_collective_counts_stage2() -> None:
