@@ -289,3 +289,116 @@ def test_smollm2_real_checkpoint(world_size: int) -> None:
     reads = [r["read"] for r in results]
     assert sum(reads) == total and max(reads) <= 0.55 * total, (reads, total)
     print(f"SmolLM2: checkpoint tensors {total} B, read per rank at N={world_size}: {reads}")
+
+
+def _dtypes(rank: int, world_size: int, llama: str, t5: str) -> dict[str, Any]:
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    from accel_zero import lazy_init
+
+    out: dict[str, Any] = {}
+    with init_pg(rank, world_size):
+        for name, auto, path, kwargs in [
+            ("bf16-auto", AutoModelForCausalLM, llama, {"dtype": "auto"}),
+            ("t5-fp16-keep-fp32", AutoModelForSeq2SeqLM, t5, {"dtype": torch.float16}),
+        ]:
+            plain = auto.from_pretrained(path, **kwargs)
+            with lazy_init(None):
+                lazy = auto.from_pretrained(path, **kwargs)
+            check_layout(lazy, rank, world_size)
+            out[name] = {
+                "bad": compare_with_plain(lazy, plain),
+                "dtypes": sorted({str(p.dtype) for p in lazy.parameters()}),
+            }
+            if name.startswith("t5"):
+                wo = lazy.get_submodule("encoder.block.0.layer.1.DenseReluDense.wo").weight
+                out[name]["wo"] = str(wo.dtype)
+    return out
+
+
+def test_checkpoint_dtype_and_keep_in_fp32_match_plain(tmp_path: Path) -> None:
+    from transformers import AutoModelForSeq2SeqLM, T5Config
+
+    llama = make_checkpoint("llama", tmp_path / "llama")
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(llama).to(torch.bfloat16).save_pretrained(
+        tmp_path / "llama-bf16"
+    )
+    torch.manual_seed(0)
+    t5cfg = T5Config(
+        vocab_size=96,
+        d_model=32,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_heads=4,
+        decoder_start_token_id=0,
+    )
+    AutoModelForSeq2SeqLM.from_config(t5cfg).save_pretrained(tmp_path / "t5")
+    results = run_ranks(_dtypes, 2, str(tmp_path / "llama-bf16"), str(tmp_path / "t5"), timeout=240)
+    for rank, res in enumerate(results):
+        assert res["bf16-auto"]["bad"] == [], f"rank {rank}: {res}"
+        assert res["bf16-auto"]["dtypes"] == ["torch.bfloat16"]
+        assert res["t5-fp16-keep-fp32"]["bad"] == [], f"rank {rank}: {res}"
+        assert res["t5-fp16-keep-fp32"]["dtypes"] == ["torch.float16", "torch.float32"]
+        assert res["t5-fp16-keep-fp32"]["wo"] == "torch.float32"
+
+
+def _from_config_peak(rank: int, world_size: int) -> dict[str, int]:
+    import weakref
+
+    from torch import nn
+    from torch.distributed.tensor import DTensor
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from accel_zero import hf, lazy_init
+
+    cfg = LlamaConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    seen: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+    peak = [0]
+
+    def full_bytes() -> int:
+        params = {
+            id(p): p
+            for m in seen
+            for p in m.parameters(recurse=False)
+            if not isinstance(p, DTensor) and not p.is_meta
+        }
+        return sum(p.numel() * p.element_size() for p in params.values())
+
+    def spy(parent: nn.Module, name: str, child: nn.Module) -> None:
+        # registered before lazy_init's hook: sees the child while it is still whole
+        seen.add(parent)
+        seen.update(child.modules())
+        peak[0] = max(peak[0], full_bytes())
+
+    with init_pg(rank, world_size):
+        handle = nn.modules.module.register_module_module_registration_hook(spy)
+        try:
+            with lazy_init(None):
+                model = AutoModelForCausalLM.from_config(cfg)
+        finally:
+            handle.remove()
+        classes = hf.no_split_module_classes(model)
+        unit_bytes = max(
+            sum(p.numel() * p.element_size() for p in m.parameters())
+            for m in model.modules()
+            if isinstance(m, classes)
+        )
+        total = sum(p.numel() * p.element_size() for p in model.parameters())
+        return {"peak": peak[0], "unit": unit_bytes, "total": total}
+
+
+def test_from_config_materialises_at_most_one_unit() -> None:
+    for res in run_ranks(_from_config_peak, 2, timeout=120):
+        assert 0 < res["peak"] <= res["unit"] < res["total"] / 4, res
+        print(f"from_config under lazy_init: peak whole-parameter bytes {res}")
