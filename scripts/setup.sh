@@ -51,8 +51,10 @@ ASSET_PKGS=(
 log() { printf 'setup: %s\n' "$*"; }
 
 # Print the requirements (one per argument) that are not satisfied by what is installed.
+# `python -I` keeps the current folder off sys.path: an accel_zero.egg-info left in the
+# checkout by a build would otherwise shadow the installed distribution's metadata.
 missing_reqs() {
-  "$PY" - "$@" <<'EOF'
+  "$PY" -I - "$@" <<'EOF'
 import sys
 from importlib.metadata import PackageNotFoundError, version
 
@@ -127,7 +129,7 @@ else
 fi
 
 # 5. accel_zero itself, editable, from this checkout.
-editable_here="$("$PY" - "$REPO" <<'EOF'
+editable_here="$("$PY" -I - "$REPO" <<'EOF'
 import json, sys
 from importlib.metadata import PackageNotFoundError, distribution
 try:
