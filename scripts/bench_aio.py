@@ -3,12 +3,12 @@
     python scripts/bench_aio.py [--dir /tmp] [--size-mib 1024] [--reps 3] [--full]
 
 One table. Every configuration writes then reads the same file once per round,
-and rounds interleave all configurations (the disk is virtual and shared, so a
-slow minute hits everyone alike). GB/s are given at the median and at the
-best (minimum-time) round; ``vs fio`` compares medians with fio's best
-configuration of the same run. The page cache is out of the way: everything
-uses O_DIRECT (fio ``--direct=1``). fio (Debian package) is installed with apt
-if missing.
+and rounds interleave all configurations in a shuffled order (the disk is
+virtual and shared, so a slow minute or spent burst credits hit everyone
+alike). GB/s are given at the median and at the best (minimum-time) round;
+``vs fio`` compares medians with fio's best configuration of the same run.
+The page cache is out of the way: everything uses O_DIRECT (fio
+``--direct=1``). fio (Debian package) is installed with apt if missing.
 
 Default grid (a couple of minutes): block 128 KiB / 1 MiB / 8 MiB x queue depth
 1 / 8 / 32 / 64 at 1 thread, plus 2 and 4 threads at the usual sweet spots.
@@ -21,6 +21,7 @@ import argparse
 import itertools
 import json
 import os
+import random
 import shutil
 import statistics
 import subprocess
@@ -134,10 +135,14 @@ def main() -> None:
     aio_run(probe, path, True, buf)
     times: dict[tuple[str, bool], list[float]] = {}
     t_start = time.perf_counter()
-    for _ in range(args.reps):
-        for name, run in runners.items():
+    for rnd in range(args.reps):
+        # A fresh order each round: a virtual disk's burst credits or a neighbour's
+        # job must not always land on the same engine.
+        order = list(runners)
+        random.Random(rnd).shuffle(order)
+        for name in order:
             for write in (True, False):
-                times.setdefault((name, write), []).append(run(write))
+                times.setdefault((name, write), []).append(runners[name](write))
     # fio writes its own bytes, so check correctness on a fresh write of ours.
     aio_run(probe, path, True, buf)
     check = torch.empty_like(buf)
