@@ -140,16 +140,12 @@ def _check_shardable(param: Tensor, where: str) -> None:
             f"lazy_init: parameter {where} has layout {param.layout} and cannot be sharded along "
             "dim 0 (only dense, strided parameters can). Build this model outside lazy_init."
         )
-    if type(param) not in (nn.Parameter, Tensor) and not isinstance(param, nn.Parameter):
+    data = param.detach()  # a plain Tensor for nn.Parameter; the subclass itself otherwise
+    if type(data) is not Tensor:
         raise TypeError(
-            f"lazy_init: parameter {where} is a {type(param).__name__}, a tensor subclass "
-            "that cannot be sharded along dim 0. Build this model outside lazy_init."
-        )
-    if isinstance(param, nn.Parameter) and type(param.data) not in (Tensor, nn.Parameter):
-        raise TypeError(
-            f"lazy_init: parameter {where} wraps a {type(param.data).__name__}, a tensor "
-            "subclass that cannot be sharded along dim 0 (quantized or already distributed?). "
-            "Build this model outside lazy_init."
+            f"lazy_init: parameter {where} is a {type(data).__name__}, a tensor subclass that "
+            "cannot be sharded along dim 0 (quantized or already distributed?). Build this "
+            "model outside lazy_init."
         )
 
 
@@ -206,6 +202,8 @@ class _InitOnShardsMode(TorchFunctionMode):
                 return self._copy_rows(args[0], src)
         elif func is Tensor.__getitem__ and args and is_lazy_param(args[0], self.mesh):
             return self._row_view(args[0], args[1])
+        elif func is Tensor.__setitem__ and args and is_lazy_param(args[0], self.mesh):
+            return self._set_rows(args[0], args[1], args[2])
         return func(*args, **kwargs)
 
     def _init_on_full(
@@ -244,23 +242,33 @@ class _InitOnShardsMode(TorchFunctionMode):
         return target
 
     def _row_view(self, target: DTensor, index: Any) -> Tensor:
-        """``param[i]`` (e.g. zeroing a padding row): a view of the local row, or a scratch."""
+        """``param[i]`` (e.g. zeroing a padding row): a view of the local row, or a scratch.
+
+        Writes through the view land in this rank's rows; a row owned by another rank is a
+        zero scratch (that rank makes the same write). On a meta placeholder any index gives a
+        meta scratch of the right shape.
+        """
         local = target.to_local()
+        if local.device.type == "meta":
+            return torch.empty(target.shape, dtype=target.dtype, device="meta")[index]
         row = index[0] if isinstance(index, tuple) and index else index
-        if not isinstance(row, int) or target.dim() == 0:
+        if isinstance(row, bool) or not isinstance(row, int) or target.dim() == 0:
             raise TypeError(
                 f"lazy_init: indexing a sharded parameter of shape {tuple(target.shape)} with "
-                f"{index!r} during construction is not supported (only an integer row, as in "
-                "padding_idx zeroing). Index the parameter after accelerator.prepare."
+                f"{index!r} while building the model is not supported (only an integer row, as "
+                "in padding_idx zeroing). Index the parameter after accelerator.prepare."
             )
         rest = index[1:] if isinstance(index, tuple) else ()
         dim0 = target.shape[0]
         row = row + dim0 if row < 0 else row
         start, end = local_row_range(dim0, self.mesh.get_local_rank(), self.mesh.size())
-        if local.device.type != "meta" and start <= row < end:
+        if start <= row < end:
             return local[(row - start, *rest)]
-        # Not ours: writes to the row must land nowhere, reads see zeros.
         return torch.zeros(target.shape[1:], dtype=target.dtype, device=local.device)[rest]
+
+    def _set_rows(self, target: DTensor, index: Any, value: Any) -> None:
+        """``param[i] = v`` while building (e.g. a padding row): applied to the owned row."""
+        self._row_view(target, index).copy_(torch.as_tensor(value))
 
 
 def _mesh_for(accelerator: Any) -> DeviceMesh:

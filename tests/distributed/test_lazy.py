@@ -402,3 +402,42 @@ def test_from_config_materialises_at_most_one_unit() -> None:
     for res in run_ranks(_from_config_peak, 2, timeout=120):
         assert 0 < res["peak"] <= res["unit"] < res["total"] / 4, res
         print(f"from_config under lazy_init: peak whole-parameter bytes {res}")
+
+
+def _build_and_init() -> Any:
+    from torch import nn
+
+    m = nn.Sequential(nn.Embedding(10, 4, padding_idx=7), nn.Linear(4, 6), nn.LayerNorm(6))
+    with torch.no_grad():
+        nn.init.trunc_normal_(m[0].weight, std=0.1)
+        m[0].weight[7] = 0.5
+        nn.init.zeros_(m[0].weight[2])
+        nn.init.orthogonal_(m[1].weight)
+        m[1].bias.uniform_(-1, 1)
+        m[2].weight.normal_()
+        m[2].bias.fill_(0.25)
+    return m
+
+
+def _init_ops(rank: int, world_size: int) -> list[str]:
+    from accel_zero import lazy_init
+
+    with init_pg(rank, world_size):
+        torch.manual_seed(5)
+        eager = _build_and_init()
+        torch.manual_seed(5)
+        with lazy_init(None):
+            lazy = _build_and_init()
+        check_layout(lazy, rank, world_size)
+        bad = compare_with_plain(lazy, eager)
+        if not torch.equal(
+            torch.rand(2), (torch.manual_seed(5), _build_and_init(), torch.rand(2))[2]
+        ):
+            bad.append("generator state")
+        return bad
+
+
+def test_init_ops_on_sharded_params_match_eager() -> None:
+    """Random inits, row writes (padding rows) and orthogonal_ on shards equal eager values."""
+    for rank, bad in enumerate(run_ranks(_init_ops, 3, timeout=120)):
+        assert bad == [], f"rank {rank}: {bad}"
