@@ -87,8 +87,13 @@ def test_from_pretrained_equals_plain_and_reads_half(kind: str, tmp_path: Path) 
     print(f"{kind}: checkpoint tensors {total} B, read per rank at N=2: {reads}")
 
 
-def test_four_ranks_read_a_quarter(tmp_path: Path) -> None:
-    path = make_checkpoint("llama", tmp_path / "llama")
+def test_four_ranks_read_a_quarter_of_a_sharded_checkpoint(tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    src = make_checkpoint("llama", tmp_path / "src")
+    path = tmp_path / "llama"
+    AutoModelForCausalLM.from_pretrained(src).save_pretrained(path, max_shard_size="20KB")
+    assert len(list(path.glob("model-*-of-*.safetensors"))) > 2
     total = checkpoint_tensor_bytes(path)
     results = run_ranks(_load_and_compare, 4, "llama", str(path), timeout=300)
     for rank, res in enumerate(results):
