@@ -13,9 +13,10 @@ arguments for ZeRO. The same script runs under ``accelerate launch`` (with
 What one optimizer step sees (defaults):
     per_device_batch_size 4 x grad_accum 1 x 2 ranks = 8 dialogue pairs per step,
     ~55 tokens each (padded to the longest pair of the micro-batch, at most seq_len 128),
-    about 440 tokens per step. 100 steps = 800 pairs, a third of the 2,329 pairs that fit
-    in 128 tokens; this keeps the whole job near 10 minutes on a 2-core machine
-    (see recipes/README.md for the measured step times).
+    about 440 tokens per step. 100 steps = 800 pairs, 0.36 of an epoch of the 2,242 pairs
+    that fit in 128 tokens. Each rank spends ~3.6 s of CPU per step in bf16, so the whole
+    job takes about 7 minutes with a core per rank, longer on a busy machine
+    (recipes/README.md has the measurements).
 
 The loss is computed on the assistant's answer only (prompt tokens are labelled -100),
 with the model's own chat template. One greedy answer to a fixed prompt is generated

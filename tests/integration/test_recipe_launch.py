@@ -83,6 +83,12 @@ def launch(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> dict:
         str(STEPS),
         "--max_new_tokens",
         "4",
+        # 2 pairs x 2 accumulated micro-batches x 2 ranks = 8 pairs per step: exercises
+        # accumulate/no_sync through a real launch.
+        "--per_device_batch_size",
+        "2",
+        "--grad_accum",
+        "2",
         "--output_dir",
         str(out_dir),
     ]
@@ -128,7 +134,10 @@ def test_every_step_logs_finite_losses_from_both_ranks(launch: dict) -> None:
 
 def test_config_reaches_the_ranks_and_generation_runs(launch: dict) -> None:
     output = launch["output"]
-    assert "x 2 ranks = 8 pairs per step" in output, _tail(output)
+    assert "2 per micro-batch x 2 accumulation x 2 ranks = 8 pairs per step" in output, _tail(
+        output
+    )
+    assert f"trained {STEPS} steps ({2 * STEPS} micro-batches per rank)" in output
     assert "before training | 'What is AI?' ->" in output
     assert "after training  | 'What is AI?' ->" in output
 
