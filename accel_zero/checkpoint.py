@@ -230,12 +230,15 @@ def write_consolidated(
         for unit in units:  # every rank drains the iterator, even after a main-rank failure
             if writer is None or error is not None:
                 continue
+            kept: dict[str, Tensor] = {}
             try:
                 kept = {key: tensor for key, tensor in unit.items() if keep(key)}
                 for key, tensor in hf.revert_weight_renames(model, kept).items():
                     writer.add(key, tensor)
             except Exception as exc:
                 error = exc
+            # Drop this unit before the engine gathers the next one (one unit + one shard).
+            del unit, kept
         if writer is not None and tmp is not None and error is None:
             try:
                 weight_files = writer.finish()
