@@ -354,6 +354,7 @@ class AsyncIO:
     reads return exactly ``tensor.nbytes`` bytes. Files are created mode 0600.
     Backed by the libaio kernel (``backend == "libaio"``) or a thread pool over
     ``os.preadv``/``os.pwritev`` (``backend == "python"``) with the same results.
+    A handle is meant to be driven from one Python thread; use one per thread.
     """
 
     def __init__(
