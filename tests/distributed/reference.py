@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from tests.distributed.harness import init_pg, run_ranks
+from tests.distributed.harness import RankPool, init_pg, run_ranks
 from tests.distributed.models import Batches, build_model, make_batches
 
 __all__ = [
@@ -45,6 +45,7 @@ __all__ = [
     "assert_parity",
     "global_mean",
     "tolerance",
+    "train_accel_zero",
     "train_accel_zero_rank",
     "train_ddp",
     "train_ddp_rank",
@@ -207,9 +208,13 @@ def train_ddp_rank(rank: int, world_size: int, spec: TrainSpec) -> TrainResult:
         return TrainResult(losses=losses, grad_norms=norms, state_dict=_cpu_state(model))
 
 
-def train_ddp(spec: TrainSpec, world_size: int, *, timeout: float = 240.0) -> TrainResult:
+def train_ddp(
+    spec: TrainSpec, world_size: int, *, timeout: float = 240.0, pool: RankPool | None = None
+) -> TrainResult:
     """DDP on ``world_size`` gloo ranks; checks all ranks ended equal, returns rank 0's result."""
-    results: list[TrainResult] = run_ranks(train_ddp_rank, world_size, spec, timeout=timeout)
+    results: list[TrainResult] = run_ranks(
+        train_ddp_rank, world_size, spec, timeout=timeout, pool=pool
+    )
     for rank, res in enumerate(results[1:], start=1):
         for key, value in res.state_dict.items():
             if not torch.equal(value, results[0].state_dict[key]):
@@ -271,6 +276,33 @@ class Tolerance:
     """Final weights, element-wise: ``|a - e| <= atol + rtol * |e|``."""
     update_rtol: float | None = None
     """If set, per tensor: ``||Δa - Δe|| <= update_rtol * ||Δe||`` where Δ = final - initial."""
+
+
+def train_accel_zero(
+    spec: TrainSpec,
+    world_size: int,
+    zero_config: Mapping[str, Any],
+    *,
+    accelerator_kwargs: Mapping[str, Any] | None = None,
+    timeout: float = 240.0,
+    pool: RankPool | None = None,
+) -> TrainResult:
+    """accel_zero on ``world_size`` ranks; rank 0's result (its full state dict)."""
+    results: list[TrainResult] = run_ranks(
+        train_accel_zero_rank,
+        world_size,
+        spec,
+        dict(zero_config),
+        dict(accelerator_kwargs or {}),
+        timeout=timeout,
+        pool=pool,
+    )
+    for rank, res in enumerate(results[1:], start=1):
+        if res.losses != results[0].losses:
+            raise AssertionError(
+                f"accel_zero rank {rank} saw losses {res.losses}, rank 0 {results[0].losses}"
+            )
+    return results[0]
 
 
 def tolerance(spec: TrainSpec) -> Tolerance:

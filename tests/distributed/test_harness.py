@@ -152,3 +152,16 @@ def test_pool_restarts_after_a_failure_and_resets_accelerate_state() -> None:
         first = pool.run(_accelerate_state)
         second = pool.run(_accelerate_state)
     assert first == second == [(2, 0, "MULTI_CPU", 2.0), (2, 1, "MULTI_CPU", 2.0)]
+
+
+def test_free_port_is_bindable_and_outside_the_ephemeral_range() -> None:
+    import socket
+
+    from tests.distributed.harness import _ephemeral_range, find_free_port
+
+    low, _ = _ephemeral_range()
+    for _ in range(20):
+        port = find_free_port()
+        assert 1024 <= port < low
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("127.0.0.1", port))

@@ -8,6 +8,7 @@ is the global batch), the reference loop and ``assert_parity`` itself.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -23,31 +24,33 @@ from tests.distributed.reference import (
 
 
 @pytest.mark.parametrize("world_size", [2, 4])
-def test_single_process_and_ddp_agree_fp32(world_size: int) -> None:
+def test_single_process_and_ddp_agree_fp32(world_size: int, rank_pool: Callable) -> None:
     spec = TrainSpec(model="gpt2", steps=3)
     single = train_single(spec, world_size)
-    ddp = train_ddp(spec, world_size)
+    ddp = train_ddp(spec, world_size, pool=rank_pool(world_size))
     assert_parity(single, ddp, spec, label=f"gpt2 fp32 world {world_size}")
     assert single.losses[-1] < single.losses[0]  # the data is learnable
 
 
-def test_single_and_ddp_agree_with_accumulation_clipping_and_a_sometimes_used_module() -> None:
+def test_single_and_ddp_agree_with_accumulation_clipping_and_a_sometimes_used_module(
+    rank_pool: Callable,
+) -> None:
     # span=2: the extra block runs on every other optimizer step (micro-steps 2-3, 6-7).
     spec = TrainSpec(
         model="sometimes", model_kwargs={"span": 2}, steps=3, grad_accum=2, max_grad_norm=0.05
     )
     single = train_single(spec, 2)
-    ddp = train_ddp(spec, 2)
+    ddp = train_ddp(spec, 2, pool=rank_pool(2))
     assert len(single.losses) == 6
     assert len(single.grad_norms) == 3
     assert all(n > 0.05 for n in single.grad_norms)  # the clip really clips
     assert_parity(single, ddp, spec, label="sometimes, accum 2, clip")
 
 
-def test_single_and_ddp_agree_bf16_llama() -> None:
+def test_single_and_ddp_agree_bf16_llama(rank_pool: Callable) -> None:
     spec = TrainSpec(model="llama", steps=3, mixed_precision="bf16")
     single = train_single(spec, 2)
-    assert_parity(single, train_ddp(spec, 2), spec, label="llama bf16")
+    assert_parity(single, train_ddp(spec, 2, pool=rank_pool(2)), spec, label="llama bf16")
     fp32 = train_single(dataclasses.replace(spec, mixed_precision="no"), 2)
     assert single.losses != fp32.losses  # autocast really ran in bf16
 
