@@ -324,3 +324,31 @@ def test_bad_arguments(make_aio, tmp_path):
     aio = make_aio()
     with pytest.raises(ValueError, match="contiguous"):
         aio.write(torch.zeros(4, 4).t(), tmp_path / "x.bin")
+
+
+def test_file_system_without_o_direct_falls_back_and_says_so(make_aio, tmp_path):
+    """ramfs refuses O_DIRECT (EINVAL at open): buffered IO, one warning naming the path."""
+    _need_root("mount")
+    mnt = tmp_path / "ram"
+    mnt.mkdir()
+    r = subprocess.run(
+        ["mount", "-t", "ramfs", "ramfs", str(mnt)], capture_output=True, text=True, check=False
+    )
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount ramfs: {r.stderr.strip()}")
+    try:
+        aio = make_aio(block_size=8192)
+        src = _random_bytes(20000)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            aio.sync_write(src, mnt / "f.bin")
+            aio.sync_write(src, mnt / "f.bin")
+        msgs = [str(w.message) for w in caught]
+        assert len(msgs) == 1, msgs
+        assert "O_DIRECT is not supported" in msgs[0]
+        assert str(mnt / "f.bin") in msgs[0]
+        dst = torch.empty_like(src)
+        aio.sync_read(dst, mnt / "f.bin")
+        assert torch.equal(src, dst)
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
