@@ -98,13 +98,15 @@ def _check(world_size: int, spec: TrainSpec, extra: dict[str, Any] | None = None
     )
     for stage in STAGES:
         if spec.mixed_precision == "bf16":
-            # Same arithmetic as DDP + autocast: held to fp32's tolerance.
+            # Same arithmetic as DDP + autocast up to the order gradients are summed in
+            # (stages 2/3 reduce every micro-batch, DDP once per step): a 1e-7 difference in
+            # a weight can flip a bf16 rounding inside autocast, hence 1e-4, not 1e-6.
             assert_parity(
                 results["ddp"],
                 results[f"stage{stage}"],
                 spec,
-                rtol=1e-6,
-                atol=1e-6,
+                rtol=1e-4,
+                atol=1e-5,
                 label=f"stage {stage} (param_dtype fp32), {label}",
             )
         else:
