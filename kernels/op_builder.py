@@ -18,10 +18,11 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-# Compiler flags shared by every op. -ffp-contract=off keeps scalar code from
-# being fused into FMAs behind our back, so the scalar tails round exactly like
-# the vector bodies were written (and like torch's non-fused arithmetic).
-COMMON_CXX_FLAGS = ["-O3", "-std=c++17", "-ffp-contract=off", "-fvisibility=hidden"]
+# Compiler flags shared by every op (the C++ standard is left to torch, whose
+# headers need C++20 from 2.13 on). -ffp-contract=off stops the compiler from
+# fusing multiply-adds on its own: every FMA is one we wrote (where torch's own
+# kernels have one), so vector bodies and scalar tails round alike.
+COMMON_CXX_FLAGS = ["-O3", "-ffp-contract=off", "-fvisibility=hidden"]
 
 
 def cache_root() -> Path:

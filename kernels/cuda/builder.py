@@ -14,7 +14,7 @@ class CudaOpsBuilder(OpBuilder):
         return [str(d / "bindings.cpp"), str(d / "multi_tensor.cu")]
 
     def nvcc_flags(self) -> list[str]:
-        return ["-O3", "-std=c++17"]
+        return ["-O3"]  # the C++ standard is torch's (C++20 for torch 2.13)
 
     def is_cuda(self) -> bool:
         return True

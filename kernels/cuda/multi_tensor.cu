@@ -13,6 +13,7 @@
 #include <cuda_fp16.h>
 
 #include <algorithm>
+#include <optional>
 #include <utility>
 #include <vector>
 
@@ -199,7 +200,7 @@ void fused_adam(const std::vector<at::Tensor>& params, const std::vector<at::Ten
                 const std::vector<at::Tensor>& exp_avgs, const std::vector<at::Tensor>& exp_avg_sqs,
                 const std::vector<at::Tensor>& copies, double one_minus_beta1, double beta2,
                 double one_minus_beta2, double eps, double neg_step_size, double bc2_sqrt, double decay, double l2, double inv_scale,
-                const c10::optional<at::Tensor>& found_inf) {
+                const std::optional<at::Tensor>& found_inf) {
   if (params.empty()) return;
   const c10::cuda::CUDAGuard guard(params[0].device());
   std::vector<std::vector<at::Tensor>> lists{params, grads, exp_avgs, exp_avg_sqs};
