@@ -120,7 +120,7 @@ class _LazyContext:
 
     def placeholder(self, param: nn.Parameter, where: str) -> nn.Parameter:
         """A parameter holding this rank's rows of ``param`` (meta stays meta)."""
-        _check_shardable(param, where)
+        _check_shardable(param, f"{where} (rank {self.mesh.get_local_rank()})")
         dt = shard_tensor_rows(param.detach(), self.mesh)
         new = nn.Parameter(dt, requires_grad=param.requires_grad)
         new.__dict__.update(param.__dict__)

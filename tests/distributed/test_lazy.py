@@ -207,7 +207,7 @@ def _unshardable(rank: int, world_size: int) -> str:
 
 def test_unshardable_parameter_is_a_clear_error() -> None:
     for msg in run_ranks(_unshardable, 2, timeout=120):
-        assert "Module.weight" in msg and "cannot be sharded along dim 0" in msg, msg
+        assert "Module.weight (rank " in msg and "cannot be sharded along dim 0" in msg, msg
 
 
 def _broken_checkpoint(rank: int, world_size: int, path: str) -> str:
@@ -413,6 +413,9 @@ def _build_and_init() -> Any:
     from torch import nn
 
     m = nn.Sequential(nn.Embedding(10, 4, padding_idx=7), nn.Linear(4, 6), nn.LayerNorm(6))
+    # direct parameters of the root (sharded when the block exits): 0-d is replicated
+    m.scale = nn.Parameter(torch.tensor(2.5))
+    m.offsets = nn.Parameter(torch.randn(5))
     with torch.no_grad():
         nn.init.trunc_normal_(m[0].weight, std=0.1)
         m[0].weight[7] = 0.5
