@@ -45,6 +45,8 @@ from torch.distributed.tensor import DTensor, Placement, Replicate, Shard
 from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
+from accel_zero import hf
+
 __all__ = ["is_lazy_param", "lazy_init", "local_row_range", "shard_tensor_rows"]
 
 logger = logging.getLogger(__name__)
@@ -90,10 +92,6 @@ def shard_tensor_rows(full: Tensor, mesh: DeviceMesh) -> DTensor:
         shape=full.shape,
         stride=_contiguous_stride(full.shape),
     )
-
-
-def _empty_local_like(dt: DTensor) -> Tensor:
-    return torch.empty(dt.to_local().shape, dtype=dt.dtype, device=dt.to_local().device)
 
 
 def is_lazy_param(tensor: object, mesh: DeviceMesh | None = None) -> bool:
@@ -308,8 +306,6 @@ def lazy_init(accelerator: Any = None) -> Iterator[DeviceMesh]:
             ctx.children.add(child)
             ctx.shard_module_params(child)
         return None
-
-    from accel_zero import hf
 
     with ExitStack() as stack:
         stack.enter_context(hf.explain_load_errors())
