@@ -31,7 +31,14 @@ setup(
     version="0.1.0",
     description="ZeRO-3/Infinity memory-efficient training backend for Hugging Face Accelerate",
     python_requires=">=3.10",
-    packages=["accel_zero", "accel_zero.offload", "accel_zero.kernels"],
+    packages=[
+        "accel_zero",
+        "accel_zero.offload",
+        "accel_zero.kernels",
+        "accel_zero.kernels.aio",
+        "accel_zero.kernels.cpu_adam",
+        "accel_zero.kernels.cuda",
+    ],
     # The kernel sources ship inside the package so a JIT build works from a
     # non-editable install: the top-level kernels/ folder becomes accel_zero.kernels.
     package_dir={"accel_zero.kernels": "kernels"},
