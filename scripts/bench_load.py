@@ -24,8 +24,9 @@ materialised from the checkpoint through safetensors (counted by wrapping ``safe
 from the page cache (fsync + POSIX_FADV_DONTNEED) before each run. ``disk`` includes kernel
 readahead (``/sys/block/*/queue/read_ahead_kb``; 8 MB here), and at N>1 ranks share the page
 cache, so a page one rank faults in is free for the other: read ``req`` as the per-rank
-figure and ``disk`` as what the device delivered. ``target`` (lazy rows) = base + model/N +
-largest tensor + 10%.
+figure and ``disk`` as what the device delivered. ``cached`` = checkpoint bytes still in the
+page cache after the drop (pages another process has mapped cannot be dropped; then ``disk``
+is ~0). ``target`` (lazy rows) = base + model/N + largest tensor + 10%.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import argparse
 import json
 import multiprocessing as mp
 import os
+import shutil
 import socket
 import sys
 import tempfile
@@ -66,6 +68,35 @@ def _drop_page_cache(folder: Path) -> None:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
+
+
+def _cached_bytes(folder: Path) -> int:
+    """Bytes of the checkpoint files resident in the page cache (mincore)."""
+    import ctypes
+    import mmap
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                          ctypes.c_int, ctypes.c_long]  # fmt: skip
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    page = mmap.PAGESIZE
+    total = 0
+    for file in folder.glob("*.safetensors"):
+        size = file.stat().st_size
+        fd = os.open(file, os.O_RDONLY)
+        try:
+            addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        finally:
+            os.close(fd)
+        pages = (size + page - 1) // page
+        vec = (ctypes.c_ubyte * pages)()
+        ok = libc.mincore(ctypes.c_void_p(addr), ctypes.c_size_t(size), vec) == 0
+        libc.munmap(ctypes.c_void_p(addr), ctypes.c_size_t(size))
+        if ok:
+            total += sum(v & 1 for v in vec) * page
+    return total
 
 
 def _count_requested() -> list[int]:
@@ -168,8 +199,9 @@ def _rank(rank: int, world: int, port: int, method: str, model: str, out: str) -
     Path(out, f"{rank}.json").write_text(json.dumps(result))
 
 
-def _run(method: str, world: int, model: Path) -> list[dict[str, Any]]:
+def _run(method: str, world: int, model: Path) -> tuple[list[dict[str, Any]], int]:
     _drop_page_cache(model)
+    cached = _cached_bytes(model)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -189,7 +221,7 @@ def _run(method: str, world: int, model: Path) -> list[dict[str, Any]]:
             if not path.exists():
                 raise RuntimeError(f"{method} N={world}: rank {r} produced no result")
             results.append(json.loads(path.read_text()))
-    return results
+    return results, cached
 
 
 def _model_facts(model: Path) -> tuple[int, int]:
@@ -215,21 +247,38 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", type=Path, default=Path(root) / "smollm2-135m-instruct")
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument(
+        "--shared-files",
+        action="store_true",
+        help="read the checkpoint in place (default: a private copy, so that no other process "
+        "holds its pages mapped and the page-cache drop before each run works)",
+    )
     args = parser.parse_args(argv)
     if not (args.model / "config.json").exists():
         print(f"{args.model} not found: run scripts/prepare_assets.py first", file=sys.stderr)
         return 2
+    if args.shared_files:
+        return _bench(args)
+    with tempfile.TemporaryDirectory(dir=args.model.parent, prefix=".bench_load-") as tmp:
+        copy = Path(tmp) / args.model.name
+        shutil.copytree(args.model, copy)
+        args.model = copy
+        return _bench(args)
+
+
+def _bench(args: argparse.Namespace) -> int:
     total, largest = _model_facts(args.model)
     mb = 1e6
     print(f"model {args.model.name}: {total / mb:.0f} MB of tensors, largest {largest / mb:.0f} MB")
     print(
         f"{'method':<9} {'N':>2} {'rank':>4} {'base MB':>8} {'peak MB':>8} {'peak-base':>9} "
-        f"{'req MB':>7} {'disk MB':>8} {'time s':>7} {'target MB':>9} {'anon/file MB':>13}"
+        f"{'req MB':>7} {'disk MB':>8} {'time s':>7} {'target MB':>9} {'anon/file MB':>13} "
+        f"{'cached MB':>9}"
     )
     for world in args.ranks:
         for method in args.methods:
             try:
-                rows = _run(method, world, args.model)
+                rows, cached = _run(method, world, args.model)
             except RuntimeError as exc:
                 print(f"{method:<9} {world:>2}  failed: {exc}")
                 continue
@@ -241,7 +290,8 @@ def main(argv: list[str] | None = None) -> int:
                     f"{method:<9} {world:>2} {r['rank']:>4} {r['base'] / mb:8.0f} "
                     f"{r['peak'] / mb:8.0f} {(r['peak'] - r['base']) / mb:9.0f} "
                     f"{r['requested'] / mb:7.0f} {r['disk'] / mb:8.0f} {r['seconds']:7.2f} "
-                    f"{target:>9} {r['anon'] / mb:6.0f}/{r['file'] / mb:<6.0f}"
+                    f"{target:>9} {r['anon'] / mb:6.0f}/{r['file'] / mb:<6.0f} "
+                    f"{cached / mb:9.0f}"
                 )
     return 0
 
