@@ -18,8 +18,9 @@ def _ext_modules() -> tuple[list, dict]:
     if os.environ.get("ACCEL_ZERO_BUILD_OPS", "0") != "1":
         return [], {}
     sys.path.insert(0, HERE)
-    from kernels.builder import get_extensions  # noqa: PLC0415 (needs torch, only when asked)
-    from torch.utils.cpp_extension import BuildExtension  # noqa: PLC0415
+    from torch.utils.cpp_extension import BuildExtension
+
+    from kernels.builder import get_extensions
 
     return get_extensions(), {"build_ext": BuildExtension}
 

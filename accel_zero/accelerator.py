@@ -160,7 +160,10 @@ class Accelerator(accelerate.Accelerator):
         for obj in args:
             if isinstance(obj, nn.Module):
                 self._install_engine(obj)
-        return super().prepare(*args, device_placement=device_placement)
+        result = super().prepare(*args, device_placement=device_placement)
+        for engine in self._zero_engines.values():
+            engine.forget_original_parameters()
+        return result
 
     def prepare_model(
         self,

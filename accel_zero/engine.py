@@ -21,7 +21,7 @@ import contextlib
 import hashlib
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -283,11 +283,12 @@ class Engine:
         dst = flat[slot.offset : slot.offset + slot.shard_numel].view(slot.chunk, slot.row_numel)
         n = slot.local_rows(rank)
         if _is_dtensor(p):
-            local = p.to_local()
+            dt: Any = p  # a DTensor (lazily built model): its local rows and placements
+            local = dt.to_local()
             got = local.shape[0] if local.dim() else 1
             placements = getattr(p, "placements", ())
             if any(type(pl).__name__ != "Shard" for pl in placements) or len(placements) != 1:
-                local = p.full_tensor()
+                local = dt.full_tensor()
                 local = local.reshape(slot.rows, slot.row_numel)[rank * slot.chunk :][:n]
                 got = n
             if got != n:
@@ -363,7 +364,7 @@ class Engine:
             u.full_numel for u in self.units if u.resharded and u.state is not UnitState.SHARDED
         )
 
-    def check_order(self, events: list[tuple[object, int]]) -> None:
+    def check_order(self, events: Sequence[tuple[object, int]]) -> None:
         """All ranks ran the same units in the same order this pass (ZeRO-3), or a clear error."""
         if self.stage != 3 or not self.comm.distributed:
             return
@@ -417,6 +418,21 @@ class Engine:
         finally:
             for unit in self.units:
                 unit.release()
+
+    def forget_original_parameters(self) -> None:
+        """Drop the pre-prepare parameter objects (lazily built models).
+
+        Their ids map to slots only until the optimizer built on them has been
+        re-pointed; holding them longer would keep the loaded checkpoint rows
+        (often views of the memory-mapped file) alive. Once dropped, an id could
+        be reused by another tensor, so it leaves ``slot_of`` too.
+        """
+        for key, old in self._original_params.items():
+            new = self.replaced.get(key)
+            if new is not None and new is not old:
+                self.slot_of.pop(key, None)
+        self._original_params.clear()
+        self.replaced.clear()
 
     # ------------------------------------------------------------------ public
     def lookup(self, p: torch.Tensor) -> tuple[Unit, int] | None:

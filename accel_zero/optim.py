@@ -137,7 +137,8 @@ class ZeroOptimizer:
                     raise ValueError(
                         f"rank {self.comm.rank}: optimizer param group {gi} holds a parameter of "
                         f"shape {tuple(p.shape)} that is not in any prepared model. Build the "
-                        "optimizer from model.parameters() of the model you pass to prepare()."
+                        "optimizer from model.parameters() and pass both to one prepare() call "
+                        "(or build it after prepare() from the prepared model's parameters)."
                     )
                 key = (id(entry.engine), entry.unit.index, entry.slot)
                 if key in by_slot:
