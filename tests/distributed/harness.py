@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import faulthandler
+import gc
 import multiprocessing as mp
 import os
 import pickle
@@ -46,6 +47,7 @@ import sys
 import tempfile
 import time
 import traceback
+import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import TracebackType
@@ -59,6 +61,8 @@ __all__ = ["RankFailure", "RankPool", "find_free_port", "init_pg", "run_ranks"]
 # How long a rank's Python stack dump precedes the harness's own deadline.
 _STACK_DUMP_LEAD_S = 2.0
 _POLL_S = 0.05
+# How long a pooled rank may take to clean up after a task before the pool restarts.
+_POOL_IDLE_WAIT_S = 20.0
 
 
 class RankFailure(AssertionError):
@@ -102,6 +106,20 @@ def find_free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def _let_gloo_threads_drain() -> None:
+    """Release the GIL briefly so gloo's worker threads finish freeing completed work.
+
+    [Note: gloo teardown deadlock] ``~ProcessGroupGloo`` joins its worker
+    threads while the caller holds the GIL; a worker still freeing a finished
+    ``AsyncAllreduceWork`` whose tensors have Python objects needs the GIL to
+    decref them. Seen (gdb) when a DDP reducer dropped the last reference to
+    the group right after the last all-reduce: both threads wait forever. The
+    last reference is dropped by the caller (or by freeing a DDP model), so
+    wait here, before it can be.
+    """
+    time.sleep(0.05)
+
+
 class init_pg:
     """Initialise the default gloo process group from the harness environment.
 
@@ -135,6 +153,7 @@ class init_pg:
     def teardown() -> None:
         """Destroy the default process group if one exists (idempotent)."""
         if dist.is_initialized():
+            _let_gloo_threads_drain()
             dist.destroy_process_group()
 
     def __enter__(self) -> init_pg:
@@ -174,8 +193,11 @@ def _run_task(
             faulthandler.cancel_dump_traceback_later()
             if dist.is_initialized():
                 # Leave no half-open group behind; errors here must not mask fn's.
+                _let_gloo_threads_drain()  # See [Note: gloo teardown deadlock]
                 with contextlib.suppress(Exception):
                     dist.destroy_process_group()
+            else:
+                _let_gloo_threads_drain()  # groups fn made and freed may still be draining
     tmp = out / f"result{rank}.pkl.tmp"
     tmp.write_bytes(payload)
     tmp.rename(out / f"result{rank}.pkl")  # atomic: the parent never reads half a file
@@ -206,14 +228,18 @@ def _reset_accelerate_state() -> None:
     GradientState._reset_state()
 
 
-def _pool_worker(rank: int, world_size: int, tasks: Any) -> None:
+def _pool_worker(rank: int, world_size: int, tasks: Any, idle: Any) -> None:
     """A pool rank: run tasks until ``None``, each with fresh env and process group."""
     torch.set_num_threads(1)
     base_env = dict(os.environ)
+    # See [Note: pool cleanup]: cyclic garbage is collected only between tasks.
+    gc.disable()
+    idle.set()
     while True:
         task = tasks.get()
         if task is None:
             return
+        idle.clear()
         fn, args, env, out_dir, deadline_wall = task
         os.environ.clear()
         os.environ.update(base_env)
@@ -223,6 +249,15 @@ def _pool_worker(rank: int, world_size: int, tasks: Any) -> None:
         finally:
             _reset_accelerate_state()
             torch.set_num_threads(1)
+            # [Note: pool cleanup] Pooled ranks hung (rarely, at load) at the
+            # first line of a task with no Python frame below it: a collection
+            # triggered there ran the finalizer of an earlier task's object (a
+            # process group, a reducer, pending async work) and it blocked. So
+            # automatic GC is off in pooled ranks and garbage is collected here,
+            # between tasks; if that blocks, ``idle`` is never set and the next
+            # ``run`` restarts the pool with a warning naming this task.
+            gc.collect()
+        idle.set()
 
 
 def _torchrun_env(rank: int, world_size: int, port: int, extra: Mapping[str, str] | None) -> dict:
@@ -257,14 +292,17 @@ class RankPool:
         self.world_size = world_size
         self._procs: list[Any] = []
         self._queues: list[Any] = []
+        self._idle: list[Any] = []
+        self._last_task = ""
 
     def _start(self) -> None:
         ctx = mp.get_context("spawn")
         self._queues = [ctx.SimpleQueue() for _ in range(self.world_size)]
+        self._idle = [ctx.Event() for _ in range(self.world_size)]
         self._procs = [
             ctx.Process(
                 target=_pool_worker,
-                args=(rank, self.world_size, self._queues[rank]),
+                args=(rank, self.world_size, self._queues[rank], self._idle[rank]),
                 name=f"pool-rank{rank}",
                 daemon=True,
             )
@@ -282,9 +320,20 @@ class RankPool:
         failure_grace: float = 10.0,
     ) -> list[Any]:
         """Like ``run_ranks(fn, self.world_size, *args, ...)`` on the pooled ranks."""
+        if self._procs and not self._wait_idle(_POOL_IDLE_WAIT_S):
+            stuck = [r for r, e in enumerate(self._idle) if not e.is_set()]
+            warnings.warn(
+                f"RankPool({self.world_size}): ranks {stuck} still cleaning up after "
+                f"{self._last_task} {_POOL_IDLE_WAIT_S:.0f} s after it returned (a blocking "
+                "destructor?); restarting the pool",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            self.close()
         if not self._procs or not all(p.is_alive() for p in self._procs):
             self.close()
             self._start()
+        self._last_task = getattr(fn, "__qualname__", repr(fn))
         port = find_free_port()
         deadline_wall = time.time() + timeout
         with tempfile.TemporaryDirectory(prefix="accel_zero_ranks_") as tmp:
@@ -297,6 +346,14 @@ class RankPool:
                 self.close()
                 raise
 
+    def _wait_idle(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        for event, proc in zip(self._idle, self._procs, strict=True):
+            while proc.is_alive() and not event.wait(0.1):
+                if time.monotonic() > deadline:
+                    return False
+        return True
+
     def close(self) -> None:
         """Stop the workers (idempotent)."""
         for proc, queue in zip(self._procs, self._queues, strict=True):
@@ -308,7 +365,7 @@ class RankPool:
             if proc.is_alive():
                 proc.kill()
                 proc.join(5.0)
-        self._procs, self._queues = [], []
+        self._procs, self._queues, self._idle = [], [], []
 
     def __enter__(self) -> RankPool:
         return self
