@@ -33,7 +33,7 @@ from accel_zero.config import ZeroConfig
 from accel_zero.coordinator import Coordinator
 from accel_zero.grads import ReduceBuckets, UnitGrads
 from accel_zero.hooks import HookDriver
-from accel_zero.partition import ParamSlot, Unit, UnitState, copy_out_rows
+from accel_zero.partition import BufferPool, ParamSlot, Unit, UnitState, copy_out_rows
 from accel_zero.tracer import MemoryTracer
 
 logger = logging.getLogger(__name__)
@@ -103,6 +103,8 @@ class Engine:
         self.replaced: dict[int, nn.Parameter] = {}
         """id(original parameter) -> parameter now registered (lazily built models)."""
         self._original_params: dict[int, nn.Parameter] = {}
+        self.pool = BufferPool()
+        """Internal flat buffers reused across gathers and reductions."""
         self.units: list[Unit] = []
         self.unit_grads: list[UnitGrads] = []
         self.module_units: list[tuple[nn.Module, list[Unit]]] = []
@@ -118,7 +120,10 @@ class Engine:
             max_reuse_distance=config.max_reuse_distance,
         )
         self.buckets = ReduceBuckets(
-            config.reduce_bucket_size, ctx.reduce_dtype, async_op=config.overlap_comm
+            config.reduce_bucket_size,
+            ctx.reduce_dtype,
+            async_op=config.overlap_comm,
+            pool=self.pool,
         )
         self.hooks = HookDriver(self)
         self.hooks.install()
@@ -260,6 +265,7 @@ class Engine:
             device=self.ctx.device,
             resharded=resharded,
             tracer=self.ctx.tracer,
+            pool=self.pool,
         )
         # Master copy: fp32 rows of the original values, before any cast to the compute dtype.
         unit.master = torch.zeros(unit.numel, dtype=torch.float32, device=self.ctx.device)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from accel_zero.comm import PendingWork
-from accel_zero.partition import Unit, copy_in_rows
+from accel_zero.partition import BufferPool, Unit, copy_in_rows
 from accel_zero.tracer import MemoryTracer
 
 __all__ = ["ReduceBuckets", "UnitGrads"]
@@ -43,6 +43,7 @@ class UnitGrads:
         self.ready = 0
         self.reduced = False
         self._pending: tuple[PendingWork, torch.Tensor, torch.Tensor] | None = None
+        self._pool: BufferPool | None = None
 
     def begin_backward(self) -> None:
         self.ready = 0
@@ -70,16 +71,23 @@ class UnitGrads:
             slot.param.grad = None
         self.reduced = True
 
-    def pending(self, work: PendingWork, out: torch.Tensor, flat: torch.Tensor) -> None:
+    def pending(
+        self, work: PendingWork, out: torch.Tensor, flat: torch.Tensor, pool: BufferPool
+    ) -> None:
         self._pending = (work, out, flat)
+        self._pool = pool
 
     def finish(self) -> None:
         """Wait for the reduction and accumulate the averaged shard into ``acc``."""
         if self._pending is None:
             return
-        work, out, _flat = self._pending
+        work, out, flat = self._pending
         self._pending = None
         work.wait()
+        # The bucket's input is dead once the collective is done (shared by its members:
+        # the pool ignores a second give of the same tensor).
+        if self._pool is not None:
+            self._pool.give(flat)
         world = self.unit.comm.world_size
         shard = out.float() if out.dtype != torch.float32 else out
         if self.reduce_dtype == torch.float32 and world > 1:
@@ -112,7 +120,10 @@ class ReduceBuckets:
     because buckets fill in completion order, the same on every rank.
     """
 
-    def __init__(self, bucket_size: int, reduce_dtype: torch.dtype, async_op: bool) -> None:
+    def __init__(
+        self, bucket_size: int, reduce_dtype: torch.dtype, async_op: bool, pool: BufferPool
+    ) -> None:
+        self.pool = pool
         self.bucket_size = bucket_size
         self.reduce_dtype = reduce_dtype
         self.async_op = async_op
@@ -135,7 +146,7 @@ class ReduceBuckets:
         first = members[0].unit
         comm, world, device = first.comm, first.comm.world_size, first.device
         total = sum(g.unit.numel for g in members)
-        flat = torch.empty(world * total, dtype=self.reduce_dtype, device=device)
+        flat = self.pool.take(world * total, self.reduce_dtype, device)
         flat2d = flat.view(world, total)
         col = 0
         for g in members:
@@ -151,7 +162,7 @@ class ReduceBuckets:
         )
         col = 0
         for g in members:
-            g.pending(work, out[col : col + g.unit.numel], flat)
+            g.pending(work, out[col : col + g.unit.numel], flat, self.pool)
             col += g.unit.numel
         if not self.async_op:
             for g in members:

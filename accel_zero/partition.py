@@ -37,7 +37,36 @@ from accel_zero.tracer import MemoryTracer, nbytes
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ParamSlot", "Unit", "UnitState", "copy_in_rows", "copy_out_rows"]
+__all__ = ["BufferPool", "ParamSlot", "Unit", "UnitState", "copy_in_rows", "copy_out_rows"]
+
+
+class BufferPool:
+    """Reuses the engine's internal flat buffers (all-gather outputs, reduce inputs).
+
+    Every unit of a transformer has the same size, so the buffer one unit just
+    gave back fits the next. On CPU this saves a fresh multi-megabyte allocation
+    (mmap, page faults, zeroing) per gather and per reduction. Only buffers that
+    never escape the engine come here: gathered parameters themselves do not,
+    since autograd may still hold views of them.
+    """
+
+    def __init__(self, keep_per_size: int = 2) -> None:
+        self.keep_per_size = keep_per_size
+        self._free: dict[tuple[int, torch.dtype, torch.device], list[torch.Tensor]] = {}
+
+    def take(self, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        free = self._free.get((numel, dtype, torch.device(device)))
+        if free:
+            return free.pop()
+        return torch.empty(numel, dtype=dtype, device=device)
+
+    def give(self, t: torch.Tensor) -> None:
+        free = self._free.setdefault((t.numel(), t.dtype, t.device), [])
+        if len(free) < self.keep_per_size and all(f is not t for f in free):
+            free.append(t)
+
+    def clear(self) -> None:
+        self._free.clear()
 
 
 class UnitState(enum.Enum):
@@ -150,6 +179,7 @@ class Unit:
     device: torch.device
     resharded: bool
     tracer: MemoryTracer
+    pool: BufferPool
     shard: torch.Tensor = field(init=False)
     """This rank's rows of every slot, flat, in the parameters' dtype."""
     master: torch.Tensor = field(init=False)
@@ -206,7 +236,7 @@ class Unit:
         if self.state is not UnitState.SHARDED:
             return
         world = self.comm.world_size
-        self._gather_out = torch.empty(world * self.numel, dtype=self.dtype, device=self.device)
+        self._gather_out = self.pool.take(world * self.numel, self.dtype, self.device)
         self.tracer.add_tensor("gathered_params", self._gather_out)
         self._gather_work = self.comm.all_gather(
             self._gather_out, self.shard, what=f"all_gather of unit {self.name}", async_op=True
@@ -231,6 +261,7 @@ class Unit:
             slot.param.data = dst
             offset += slot.numel
         self.tracer.sub_tensor("gathered_params", self._gather_out)
+        self.pool.give(self._gather_out)
         self._gather_out = None
         self._gather_work = None
         self._full = full
@@ -245,6 +276,7 @@ class Unit:
             assert self._gather_work is not None and self._gather_out is not None
             self._gather_work.wait()
             self.tracer.sub_tensor("gathered_params", self._gather_out)
+            self.pool.give(self._gather_out)
             self._gather_out = None
             self._gather_work = None
         for slot in self.slots:
