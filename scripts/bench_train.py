@@ -30,6 +30,7 @@ import math
 import multiprocessing as mp
 import os
 import pickle
+import random
 import socket
 import statistics
 import sys
@@ -237,7 +238,13 @@ def rank_body(rank: int, world_size: int, config: str, a: BenchArgs) -> dict[str
         "vm_hwm": vm_hwm_bytes(),
         "report": report if rank == 0 else None,
     }
+    # Free the model (a DDP reducer holds the group) while the group is still
+    # registered, and let gloo's worker threads finish freeing completed work
+    # before the group's last reference drops: ~ProcessGroupGloo joins them
+    # with the GIL held, and one still decref'ing a tensor deadlocks (seen).
+    del model, optimizer, accelerator
     dist.barrier()
+    time.sleep(0.05)
     dist.destroy_process_group()
     return result
 
@@ -246,6 +253,20 @@ def rank_body(rank: int, world_size: int, config: str, a: BenchArgs) -> dict[str
 
 
 def _free_port() -> int:
+    """A free port below the ephemeral range, where no outgoing connection can take it."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    rng = random.Random(os.getpid() ^ time.time_ns())
+    for _ in range(200):
+        port = rng.randrange(max(1024, low - 12_000), low)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
@@ -298,7 +319,11 @@ def spawn_ranks(
             procs.append(p)
         deadline = time.monotonic() + timeout
         failed_at: float | None = None
-        while any(p.is_alive() for p in procs) and time.monotonic() < deadline:
+
+        def done(rank: int) -> bool:  # a result, or gone without one
+            return (Path(out) / f"rank{rank}.pkl").exists() or not procs[rank].is_alive()
+
+        while not all(done(r) for r in range(world_size)) and time.monotonic() < deadline:
             if failed_at is None and any(not p.is_alive() and p.exitcode != 0 for p in procs):
                 failed_at = time.monotonic()
             if failed_at is None:
