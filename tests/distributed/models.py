@@ -161,8 +161,10 @@ class FrozenParamLM(TinyLM):
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.blocks[0].fc1.weight.requires_grad_(False)
-        self.blocks[0].fc1.bias.requires_grad_(False)
+        first = self.blocks[0]
+        assert isinstance(first, Block)
+        first.fc1.weight.requires_grad_(False)
+        first.fc1.bias.requires_grad_(False)
 
 
 class TwiceUsedLM(TinyLM):
