@@ -53,9 +53,9 @@ def _counts_body(rank: int, world: int, zero: dict[str, Any], clip: bool) -> dic
     return {"per_step": per_step, "units": units, "stats": accelerator.zero_stats()}
 
 
-def test_collective_counts_stage3_default_reuse() -> None:
+def test_collective_counts_stage3_default_reuse(rank_pool: Any) -> None:
     """Default reuse distance: one all-gather per unit per step, one reduce-scatter per unit."""
-    out = run_ranks(_counts_body, 2, {"stage": 3}, True, timeout=180)[0]
+    out = run_ranks(_counts_body, 2, {"stage": 3}, True, timeout=180, pool=rank_pool(2))[0]
     units = out["units"]
     resharded = sum(1 for _, r, _ in units if r)
     assert resharded == 3, units  # root (embeddings, final norm, tied head) + 2 GPT2Blocks
@@ -71,7 +71,7 @@ def test_collective_counts_stage3_default_reuse() -> None:
     assert stats["trace_invalidations"] == 0
 
 
-def test_collective_counts_stage3_no_reuse_no_prefetch() -> None:
+def test_collective_counts_stage3_no_reuse_no_prefetch(rank_pool: Any) -> None:
     """Reuse distance 0: blocks are released after forward and gathered again in backward,
     except the last block, whose next use is the very next event."""
     out = run_ranks(
@@ -80,6 +80,7 @@ def test_collective_counts_stage3_no_reuse_no_prefetch() -> None:
         {"stage": 3, "max_reuse_distance": 0, "prefetch_bucket_size": 0},
         False,
         timeout=180,
+        pool=rank_pool(2),
     )[0]
     blocks = sum(1 for _, r, root in out["units"] if r and not root)
     first, later = out["per_step"][0], out["per_step"][1:]
@@ -91,20 +92,25 @@ def test_collective_counts_stage3_no_reuse_no_prefetch() -> None:
     assert out["stats"]["prefetch_hits"] == 0
 
 
-def test_small_units_share_one_reduce_bucket() -> None:
+def test_small_units_share_one_reduce_bucket(rank_pool: Any) -> None:
     """With the default reduce_bucket_size the tiny model's units are coalesced into one
     reduce-scatter per step."""
     out = run_ranks(
-        _counts_body, 2, {"stage": 3, "reduce_bucket_size": "500M"}, False, timeout=180
+        _counts_body,
+        2,
+        {"stage": 3, "reduce_bucket_size": "500M"},
+        False,
+        timeout=180,
+        pool=rank_pool(2),
     )[0]
     for step in out["per_step"]:
         assert step["reduce_scatter"] == 1, step
 
 
-def test_collective_counts_stage2() -> None:
+def test_collective_counts_stage2(rank_pool: Any) -> None:
     """ZeRO-2: no gathers in forward; one reduce-scatter per unit and one all-gather per
     unit after the step (the updated shards)."""
-    out = run_ranks(_counts_body, 2, {"stage": 2}, False, timeout=180)[0]
+    out = run_ranks(_counts_body, 2, {"stage": 2}, False, timeout=180, pool=rank_pool(2))[0]
     n = len(out["units"])
     for step in out["per_step"]:
         assert step.get("all_gather", 0) == n
@@ -129,8 +135,8 @@ def _memory_body(rank: int, world: int, stage: int) -> dict[str, Any]:
     return {"report": report, "n_params": n_params}
 
 
-def test_model_state_bytes_half_of_ddp_at_two_ranks() -> None:
-    out = run_ranks(_memory_body, 2, 3, timeout=180)
+def test_model_state_bytes_half_of_ddp_at_two_ranks(rank_pool: Any) -> None:
+    out = run_ranks(_memory_body, 2, 3, timeout=180, pool=rank_pool(2))
     for rank_out in out:
         n = rank_out["n_params"]
         ddp = 16 * n  # fp32 params + grads + Adam exp_avg + exp_avg_sq on every DDP rank
@@ -161,8 +167,10 @@ def _stage3_state_dict_guard_body(rank: int, world: int) -> str:
     return msg
 
 
-def test_state_dict_outside_forward_is_a_clear_error_and_gathered_parameters_works() -> None:
-    msgs = run_ranks(_stage3_state_dict_guard_body, 2, timeout=180)
+def test_state_dict_outside_forward_is_a_clear_error_and_gathered_parameters_works(
+    rank_pool: Any,
+) -> None:
+    msgs = run_ranks(_stage3_state_dict_guard_body, 2, timeout=180, pool=rank_pool(2))
     for rank, msg in enumerate(msgs):
         assert f"rank {rank}" in msg and "sharded" in msg and "get_state_dict" in msg, msg
 
@@ -188,13 +196,13 @@ def _foreign_param_body(rank: int, world: int) -> str:
     return "no error"
 
 
-def test_model_without_parameters_is_rejected() -> None:
-    msg = run_ranks(_no_params_body, 2, timeout=120)[0]
+def test_model_without_parameters_is_rejected(rank_pool: Any) -> None:
+    msg = run_ranks(_no_params_body, 2, timeout=120, pool=rank_pool(2))[0]
     assert "ReLU has no parameters" in msg
 
 
-def test_optimizer_with_parameter_outside_model_is_rejected() -> None:
-    msg = run_ranks(_foreign_param_body, 2, timeout=120)[0]
+def test_optimizer_with_parameter_outside_model_is_rejected(rank_pool: Any) -> None:
+    msg = run_ranks(_foreign_param_body, 2, timeout=120, pool=rank_pool(2))[0]
     assert "not in any prepared model" in msg and "(7, 3)" in msg and "rank 0" in msg
 
 
@@ -226,8 +234,8 @@ def _order_body(rank: int, world: int) -> str:
     return "no error"
 
 
-def test_ranks_running_different_order_get_a_clear_error() -> None:
-    msgs = run_ranks(_order_body, 2, timeout=120)
+def test_ranks_running_different_order_get_a_clear_error(rank_pool: Any) -> None:
+    msgs = run_ranks(_order_body, 2, timeout=120, pool=rank_pool(2))
     for rank, msg in enumerate(msgs):
         assert f"rank {rank}" in msg and "ranks ran different modules" in msg, msg
 
@@ -245,8 +253,8 @@ def _trace_change_body(rank: int, world: int) -> dict[str, Any]:
     return accelerator.zero_stats()
 
 
-def test_changing_execution_order_invalidates_the_trace_without_hanging() -> None:
-    stats = run_ranks(_trace_change_body, 2, timeout=180)[0]
+def test_changing_execution_order_invalidates_the_trace_without_hanging(rank_pool: Any) -> None:
+    stats = run_ranks(_trace_change_body, 2, timeout=180, pool=rank_pool(2))[0]
     assert stats["trace_invalidations"] >= 1
     assert stats["traces_recorded"] >= 2
 
@@ -281,8 +289,8 @@ def _fp16_overflow_body(rank: int, world: int) -> dict[str, Any]:
     }
 
 
-def test_fp16_overflow_on_one_rank_skips_the_step_on_every_rank() -> None:
-    out = run_ranks(_fp16_overflow_body, 2, timeout=180)
+def test_fp16_overflow_on_one_rank_skips_the_step_on_every_rank(rank_pool: Any) -> None:
+    out = run_ranks(_fp16_overflow_body, 2, timeout=180, pool=rank_pool(2))
     for rank_out in out:
         assert rank_out["skipped"] is True
         assert rank_out["scale1"] == rank_out["scale0"] / 2
@@ -296,10 +304,10 @@ def test_bad_stage_is_rejected_before_any_process_group() -> None:
         ZeroConfig.from_dict({"stage": 4})
 
 
-def test_rank_failure_names_the_rank() -> None:
+def test_rank_failure_names_the_rank(rank_pool: Any) -> None:
     """A rank that errors inside the engine surfaces with its rank (harness + Comm errors)."""
     with pytest.raises(RankFailure, match="rank 0"):
-        run_ranks(_no_params_raise_body, 2, timeout=120)
+        run_ranks(_no_params_raise_body, 2, timeout=120, pool=rank_pool(2))
 
 
 def _no_params_raise_body(rank: int, world: int) -> None:
@@ -322,7 +330,7 @@ def _offload_body(rank: int, world: int) -> list[str]:
     return msgs
 
 
-def test_offload_settings_are_parsed_but_refused_until_implemented() -> None:
-    msgs = run_ranks(_offload_body, 1, timeout=120)[0]
+def test_offload_settings_are_parsed_but_refused_until_implemented(rank_pool: Any) -> None:
+    msgs = run_ranks(_offload_body, 1, timeout=120, pool=rank_pool(1))[0]
     assert "zero_config.offload_param.device='cpu'" in msgs[0], msgs
     assert "zero_config.offload_optimizer.device='cpu'" in msgs[1], msgs
