@@ -55,6 +55,7 @@ __all__ = [
     "train_accel_zero",
     "train_accel_zero_rank",
     "train_ddp",
+    "train_ddp_in_group",
     "train_ddp_rank",
     "train_single",
 ]
@@ -196,28 +197,33 @@ def train_single(spec: TrainSpec, world_size: int) -> TrainResult:
     return TrainResult(losses=losses, grad_norms=norms, state_dict=_cpu_state(model))
 
 
-def train_ddp_rank(rank: int, world_size: int, spec: TrainSpec) -> TrainResult:
-    """Rank body of the DDP reference (for ``run_ranks``); every rank returns the weights."""
+def train_ddp_in_group(rank: int, world_size: int, spec: TrainSpec) -> TrainResult:
+    """The DDP reference in the default process group that already exists."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    with init_pg(rank, world_size):
-        model = spec.build_model()
-        # Globally unused parameters on some steps need DDP's unused-parameter search.
-        ddp = DDP(model, find_unused_parameters=spec.model == "sometimes")
-        optimizer = spec.build_optimizer(ddp.parameters())
-        losses, norms = _loop(
-            spec,
-            ddp,
-            spec.batches(world_size).for_rank(rank),
-            no_sync=ddp.no_sync,
-            step=_torch_step(spec, ddp, optimizer),
-        )
-        result = TrainResult(losses=losses, grad_norms=norms, state_dict=_cpu_state(model))
-        # Free the reducer while the group is still registered, so the group's
-        # last reference drops in init_pg's teardown, after its threads drained.
-        # See [Note: gloo teardown deadlock] in harness.py.
-        del ddp, optimizer
+    model = spec.build_model()
+    # Globally unused parameters on some steps need DDP's unused-parameter search.
+    ddp = DDP(model, find_unused_parameters=spec.model == "sometimes")
+    optimizer = spec.build_optimizer(ddp.parameters())
+    losses, norms = _loop(
+        spec,
+        ddp,
+        spec.batches(world_size).for_rank(rank),
+        no_sync=ddp.no_sync,
+        step=_torch_step(spec, ddp, optimizer),
+    )
+    result = TrainResult(losses=losses, grad_norms=norms, state_dict=_cpu_state(model))
+    # Free the reducer while the group is still registered, so the group's last
+    # reference drops at teardown, after its threads drained.
+    # See [Note: gloo teardown deadlock] in harness.py.
+    del ddp, optimizer
     return result
+
+
+def train_ddp_rank(rank: int, world_size: int, spec: TrainSpec) -> TrainResult:
+    """Rank body of the DDP reference (for ``run_ranks``); every rank returns the weights."""
+    with init_pg(rank, world_size):
+        return train_ddp_in_group(rank, world_size, spec)
 
 
 def train_ddp(

@@ -20,35 +20,12 @@ from tests.distributed.harness import run_ranks
 from tests.distributed.reference import (
     TrainResult,
     TrainSpec,
-    _cpu_state,
-    _loop,
-    _torch_step,
     assert_parity,
     train_accel_zero_rank,
+    train_ddp_in_group,
 )
 
 STAGES = (1, 2, 3)
-
-
-def _ddp_in_existing_group(rank: int, world_size: int, spec: TrainSpec) -> TrainResult:
-    """``reference.train_ddp_rank`` in the process group the Accelerator already made.
-
-    (Destroying a group and creating another on the same port can hang gloo's
-    rendezvous, so one group serves the whole case.)
-    """
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
-    model = spec.build_model()
-    ddp = DDP(model, find_unused_parameters=spec.model == "sometimes")
-    optimizer = spec.build_optimizer(ddp.parameters())
-    losses, norms = _loop(
-        spec,
-        ddp,
-        spec.batches(world_size).for_rank(rank),
-        no_sync=ddp.no_sync,
-        step=_torch_step(spec, ddp, optimizer),
-    )
-    return TrainResult(losses=losses, grad_norms=norms, state_dict=_cpu_state(model))
 
 
 def _body(rank: int, world_size: int, spec: TrainSpec, extra: dict[str, Any]) -> dict[str, Any]:
@@ -65,7 +42,8 @@ def _body(rank: int, world_size: int, spec: TrainSpec, extra: dict[str, Any]) ->
         # The default: parameters stored, gathered and computed in bf16 (fp32 masters).
         cfg = {"stage": 3, "param_persistence_threshold": 0, **extra}
         results["stage3-bf16-params"] = train_accel_zero_rank(rank, world_size, spec, cfg)
-    results["ddp"] = _ddp_in_existing_group(rank, world_size, spec)
+    # DDP in the group the Accelerator made: one group serves the whole case.
+    results["ddp"] = train_ddp_in_group(rank, world_size, spec)
     return results if rank == 0 else {}
 
 
