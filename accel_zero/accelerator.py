@@ -29,7 +29,7 @@ from accel_zero.comm import Comm
 from accel_zero.config import ZeroConfig
 from accel_zero.engine import Engine, EngineContext
 from accel_zero.optim import LossScaler, ZeroOptimizer
-from accel_zero.tracer import MemoryTracer, nbytes
+from accel_zero.tracer import MemoryTracer
 
 logger = logging.getLogger(__name__)
 
@@ -116,7 +116,6 @@ class Accelerator(accelerate.Accelerator):
         self._zero_scaler = (
             LossScaler(config.loss_scale) if self.mixed_precision == "fp16" else None
         )
-        self._optimizer_state_bytes = 0
 
     # ---------------------------------------------------------------- engines
     @property
@@ -287,22 +286,6 @@ class Accelerator(accelerate.Accelerator):
         return super().free_memory(*objects)
 
     # ------------------------------------------------------------ observability
-    def _trace_optimizer_state(self) -> None:
-        total = 0
-        seen: set[int] = set()
-        for zero in self._zero_optimizers:
-            for state in zero.optimizer.state.values():
-                for value in state.values():
-                    if isinstance(value, torch.Tensor) and id(value) not in seen:
-                        seen.add(id(value))
-                        total += nbytes(value)
-        delta = total - self._optimizer_state_bytes
-        if delta > 0:
-            self._zero_tracer.add("optimizer_state", self.device, delta)
-        elif delta < 0:
-            self._zero_tracer.sub("optimizer_state", self.device, -delta)
-        self._optimizer_state_bytes = total
-
     def memory_report(self) -> dict[str, object]:
         """Bytes of parameters, gradients and optimizer state on this rank, per device, with peaks.
 
@@ -310,7 +293,8 @@ class Accelerator(accelerate.Accelerator):
         (master weights included) kept between steps; ``per_device[...]
         ['gathered_params']`` the full parameters gathered right now.
         """
-        self._trace_optimizer_state()
+        for zero in self._zero_optimizers:
+            zero.trace_state()  # e.g. after load_state_dict
         report = self._zero_tracer.report()
         report["rank"] = self.process_index
         report["world_size"] = self.num_processes

@@ -117,6 +117,8 @@ class ZeroOptimizer:
         """DeepSpeed's ``gradient_clipping``: applied at step unless the loop clipped already."""
         self.entries: list[_Entry] = []
         self._by_param: dict[int, _Entry] = {}
+        self._state_bytes = 0
+        """Optimizer-state bytes last reported to the tracer."""
         self._repoint(optimizer)
 
     def _lookup(self, p: torch.Tensor) -> _Entry | None:
@@ -261,7 +263,29 @@ class ZeroOptimizer:
             e.master.grad = None
         self._unscaled = False
         self._clipped = False
+        self.trace_state()
         return result
+
+    def trace_state(self) -> None:
+        """Report the optimizer's state bytes (Adam's moments, ...) to the memory tracer.
+
+        Called after every step, where the optimizer creates its state, so the
+        tracer's peaks include it.
+        """
+        total = 0
+        seen: set[int] = set()
+        for state in self.optimizer.state.values():
+            for value in state.values():
+                if isinstance(value, torch.Tensor) and id(value) not in seen:
+                    seen.add(id(value))
+                    total += value.numel() * value.element_size()
+        tracer = self.engines[0].ctx.tracer
+        delta = total - self._state_bytes
+        if delta > 0:
+            tracer.add("optimizer_state", self.comm.device, delta)
+        elif delta < 0:
+            tracer.sub("optimizer_state", self.comm.device, -delta)
+        self._state_bytes = total
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         del set_to_none  # shard accumulators are always freed: they are rebuilt by the next reduce
