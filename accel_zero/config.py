@@ -382,8 +382,13 @@ class ZeroConfig(_ConfigBase):
     """Keep a unit gathered if it is used again within this many elements of other units."""
     param_persistence_threshold: int = 100_000
     """Parameters with fewer elements stay whole on every rank (never gathered); 0 = none."""
-    reduce_bucket_size: int = 500_000_000
-    """Elements per coalesced gradient collective; >= 1."""
+    reduce_bucket_size: int = 2_000_000
+    """Elements per coalesced gradient collective; >= 1. Units complete in backward one
+    after another; a bucket is sent once it holds this many elements, so small units
+    share a collective while a transformer block (millions of elements) is reduced on
+    its own, overlapping the rest of backward. (DeepSpeed's 5e8 default sends a small
+    model's gradients in one collective at the end of backward: measured 1.069x DDP's
+    step time against 1.025x with per-block buckets, scripts/bench_train.py.)"""
     overlap_comm: bool = True
     """Run gathers and gradient reductions asynchronously, overlapping compute."""
     reduce_dtype: str | None = None
