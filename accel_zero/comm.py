@@ -9,7 +9,6 @@ what was being communicated.
 
 from __future__ import annotations
 
-import datetime
 import logging
 import time
 from collections import Counter
@@ -230,7 +229,3 @@ class Comm:
         if not self.distributed:
             return
         self._run("barrier", what, 0, lambda a: dist.barrier(group=self.group, async_op=a), False)
-
-
-def default_timeout(seconds: float) -> datetime.timedelta:
-    return datetime.timedelta(seconds=seconds)

@@ -528,20 +528,6 @@ class Engine:
             out.update(chunk)
         return out
 
-    def remove(self) -> None:
-        """Uninstall the hooks and leave full parameters in the model (for tests and teardown)."""
-        full = self.full_state_dict_all_ranks()
-        self.hooks.remove()
-        with torch.no_grad():
-            for name, p in self.model.named_parameters():
-                p.data = full[name].to(p.dtype)
-
-    def full_state_dict_all_ranks(self) -> dict[str, torch.Tensor]:
-        out: dict[str, torch.Tensor] = {}
-        for chunk in self.iter_full_state_dict(rank0_only=False):
-            out.update(chunk)
-        return out
-
 
 def _elt(unit: Unit) -> int:
     return torch.empty((), dtype=unit.dtype).element_size()

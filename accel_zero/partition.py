@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from accel_zero.comm import Comm, PendingWork
-from accel_zero.tracer import MemoryTracer, nbytes
+from accel_zero.tracer import MemoryTracer
 
 logger = logging.getLogger(__name__)
 
@@ -201,29 +201,6 @@ class Unit:
         if not self.resharded:
             self.state = UnitState.GATHERED
 
-    # ------------------------------------------------------------------ set-up
-    def load_local_rows(self, slot: ParamSlot, local: torch.Tensor) -> None:
-        """Write this rank's rows of ``slot`` (already cut) into the flat shard."""
-        n = slot.local_rows(self.comm.rank)
-        got = local.shape[0] if local.dim() else 1
-        if got != n:
-            raise ValueError(
-                f"rank {self.comm.rank}: parameter {slot.fqn} has {got} local rows, "
-                f"expected {n} (dim-0 Shard over {self.comm.world_size} ranks)"
-            )
-        dst = self.shard[slot.offset : slot.offset + slot.shard_numel].view(
-            slot.chunk, slot.row_numel
-        )
-        if n:
-            dst[:n].copy_(local.reshape(n, slot.row_numel))
-
-    def load_full(self, slot: ParamSlot, full: torch.Tensor) -> None:
-        """Cut this rank's rows out of a full tensor into the flat shard."""
-        start = self.comm.rank * slot.chunk
-        n = slot.local_rows(self.comm.rank)
-        rows = full.reshape(slot.rows, slot.row_numel)[start : start + n]
-        self.load_local_rows(slot, rows)
-
     def shard_view(self, slot: ParamSlot, flat: torch.Tensor | None = None) -> torch.Tensor:
         """This rank's padded rows of ``slot`` in ``flat`` (default: the param shard)."""
         flat = self.shard if flat is None else flat
@@ -308,19 +285,6 @@ class Unit:
             for slot in self.slots:
                 copy_out_rows(gathered, slot, self.comm.world_size, slot.param.data)
         del self._refresh
-
-    def install_full(self) -> None:
-        """Set-up of a non-resharded unit: full parameters from the shards (one all-gather)."""
-        assert not self.resharded
-        world = self.comm.world_size
-        out = torch.empty(world * self.numel, dtype=self.dtype, device=self.device)
-        self.comm.all_gather(out, self.shard, what=f"all_gather of unit {self.name} at set-up")
-        gathered = out.view(world, self.numel)
-        for slot in self.slots:
-            full = torch.empty(slot.shape, dtype=self.dtype, device=self.device)
-            copy_out_rows(gathered, slot, world, full)
-            slot.param.data = full
-            self.tracer.add("gathered_params", self.device, nbytes(full))
 
     def placeholder(self, slot: ParamSlot) -> torch.Tensor:
         return _empty_like_placeholder(slot, self.device)
