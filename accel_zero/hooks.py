@@ -81,7 +81,7 @@ class HookDriver:
                 module.register_forward_pre_hook(self._make_pre_forward(units), with_kwargs=True)
             )
             self.handles.append(module.register_forward_hook(self._make_post_forward(units)))
-        for unit, grads in zip(engine.units, engine.unit_grads, strict=True):
+        for unit in engine.units:
             for slot in unit.slots:
                 if slot.requires_grad:
                     self.handles.append(
@@ -89,7 +89,6 @@ class HookDriver:
                             self._make_post_accumulate(unit.index)
                         )
                     )
-            del grads
 
     def remove(self) -> None:
         for h in self.handles:
