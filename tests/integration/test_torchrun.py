@@ -44,6 +44,9 @@ SCRIPT = textwrap.dedent(
     }
     with open(os.path.join(sys.argv[1], f"rank{accelerator.process_index}.json"), "w") as f:
         json.dump(out, f)
+    # Tear the process group down before exit, as an Accelerate script should: a gloo
+    # group still alive at interpreter exit can abort in its destructor (torch-side).
+    accelerator.end_training()
     """
 )
 
