@@ -23,9 +23,12 @@ import argparse
 import json
 import logging
 import os
+import random
+import socket
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -179,3 +182,36 @@ def main(argv: list[str] | None = None) -> int:
     parser = launch_command_parser()
     parser.prog = "accel-zero launch"
     return run_launch(parser.parse_args(argv))
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+def find_free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago.
+
+    Picked at random *below* the kernel's ephemeral range and checked by
+    binding. A port from ``bind(0)`` is an ephemeral one: between our probe and
+    rank 0's store binding it, another test's outgoing connection or its own
+    ``bind(0)`` probe can take the same number, and ranks of two concurrent
+    jobs would rendezvous with each other's store. Below the ephemeral range
+    only another caller of this function can collide (1 in ~10,000).
+    """
+    low, _ = _ephemeral_range()
+    rng = random.Random(os.getpid() ^ time.time_ns())
+    for _ in range(200):
+        port = rng.randrange(max(1024, low - 12_000), low)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])

@@ -36,12 +36,13 @@ import json
 import multiprocessing as mp
 import os
 import shutil
-import socket
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from accel_zero.launch import find_free_port
 
 METHODS = ("plain", "hf-rank0", "hf-fsdp2", "lazy")
 
@@ -202,9 +203,7 @@ def _rank(rank: int, world: int, port: int, method: str, model: str, out: str) -
 def _run(method: str, world: int, model: Path) -> tuple[list[dict[str, Any]], int]:
     _drop_page_cache(model)
     cached = _cached_bytes(model)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = find_free_port()
     ctx = mp.get_context("spawn")
     with tempfile.TemporaryDirectory() as out:
         procs = [

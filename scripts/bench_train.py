@@ -30,8 +30,6 @@ import math
 import multiprocessing as mp
 import os
 import pickle
-import random
-import socket
 import statistics
 import sys
 import tempfile
@@ -40,6 +38,8 @@ import traceback
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
+
+from accel_zero.launch import find_free_port
 
 MiB = 2**20
 
@@ -252,26 +252,6 @@ def rank_body(rank: int, world_size: int, config: str, a: BenchArgs) -> dict[str
 # --- a minimal torchrun-style spawner (scripts do not import tests/) ---------
 
 
-def _free_port() -> int:
-    """A free port below the ephemeral range, where no outgoing connection can take it."""
-    try:
-        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        low = 32768
-    rng = random.Random(os.getpid() ^ time.time_ns())
-    for _ in range(200):
-        port = rng.randrange(max(1024, low - 12_000), low)
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _child(
     fn: Callable[..., Any],
     rank: int,
@@ -299,7 +279,7 @@ def spawn_ranks(
 ) -> list[Any]:
     """Run ``fn(rank, world_size, *args)`` on fresh processes; raise with every rank's error."""
     ctx = mp.get_context("spawn")
-    port = _free_port()
+    port = find_free_port()
     with tempfile.TemporaryDirectory(prefix="bench_train_") as out:
         procs = []
         for rank in range(world_size):

@@ -41,8 +41,6 @@ import gc
 import multiprocessing as mp
 import os
 import pickle
-import random
-import socket
 import sys
 import tempfile
 import time
@@ -55,6 +53,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from accel_zero.launch import find_free_port
 
 __all__ = ["RankFailure", "RankPool", "find_free_port", "init_pg", "run_ranks"]
 
@@ -71,39 +71,6 @@ class RankFailure(AssertionError):
     def __init__(self, message: str, failures: dict[int, str]) -> None:
         super().__init__(message)
         self.failures = failures
-
-
-def _ephemeral_range() -> tuple[int, int]:
-    try:
-        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
-        return int(low), int(high)
-    except (OSError, ValueError):
-        return 32768, 60999
-
-
-def find_free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago.
-
-    Picked at random *below* the kernel's ephemeral range and checked by
-    binding. A port from ``bind(0)`` is an ephemeral one: between our probe and
-    rank 0's store binding it, another test's outgoing connection or its own
-    ``bind(0)`` probe can take the same number, and ranks of two concurrent
-    jobs would rendezvous with each other's store. Below the ephemeral range
-    only another caller of this function can collide (1 in ~10,000).
-    """
-    low, _ = _ephemeral_range()
-    rng = random.Random(os.getpid() ^ time.time_ns())
-    for _ in range(200):
-        port = rng.randrange(max(1024, low - 12_000), low)
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _let_gloo_threads_drain() -> None:

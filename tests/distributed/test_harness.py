@@ -157,7 +157,7 @@ def test_pool_restarts_after_a_failure_and_resets_accelerate_state() -> None:
 def test_free_port_is_bindable_and_outside_the_ephemeral_range() -> None:
     import socket
 
-    from tests.distributed.harness import _ephemeral_range, find_free_port
+    from accel_zero.launch import _ephemeral_range, find_free_port
 
     low, _ = _ephemeral_range()
     for _ in range(20):

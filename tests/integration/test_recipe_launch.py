@@ -13,13 +13,14 @@ import math
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
+
+from accel_zero.launch import find_free_port
 
 REPO = Path(__file__).resolve().parents[2]
 RECIPE = REPO / "recipes" / "finetune_clm.py"
@@ -28,12 +29,6 @@ STEPS = 3
 LAUNCH_TIMEOUT_S = 300
 
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _accel_zero_cmd() -> list[str]:
@@ -67,7 +62,7 @@ def launch(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> dict:
     work = tmp_path_factory.mktemp("launch")
     # The main job's YAML with a free port, so the test never collides with a running job.
     config = yaml.safe_load(MAIN_CONFIG.read_text())
-    config["main_process_port"] = _free_port()
+    config["main_process_port"] = find_free_port()
     config["zero_config"]["timeout"] = 120  # a hang fails the test instead of stalling it
     config_path = work / "zero3_tiny.yaml"
     config_path.write_text(yaml.safe_dump(config))
