@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-import socket
+import re
 import subprocess
 import sys
 import textwrap
@@ -17,7 +17,7 @@ from accelerate.commands.launch import launch_command_parser
 
 from accel_zero import cli
 from accel_zero.config import LAUNCH_CONFIG_ENV, ZeroConfig
-from accel_zero.launch import prepare_launch, split_launch_config
+from accel_zero.launch import find_free_port, prepare_launch, split_launch_config
 
 LAUNCH_YAML = """\
 compute_environment: LOCAL_MACHINE
@@ -135,12 +135,6 @@ def test_cli_env_command(capsys: pytest.CaptureFixture[str]) -> None:
         assert "torch" in capsys.readouterr().out  # the report itself, owned by env_report
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 RANK_SCRIPT = """\
 import json
 import os
@@ -178,7 +172,7 @@ def test_real_two_process_cpu_launch(tmp_path: Path) -> None:
             "--config_file",
             str(config),
             "--main_process_port",
-            str(_free_port()),
+            str(find_free_port()),
             str(script),
         ],
         capture_output=True,
@@ -188,11 +182,9 @@ def test_real_two_process_cpu_launch(tmp_path: Path) -> None:
         check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    reports = [
-        json.loads(line.split("RANK_REPORT ", 1)[1])
-        for line in result.stdout.splitlines()
-        if "RANK_REPORT " in line
-    ]
+    # The ranks share one stdout, so two reports can land on one line: find each flat
+    # JSON object after its marker rather than splitting by line.
+    reports = [json.loads(m) for m in re.findall(r"RANK_REPORT (\{[^{}]*\})", result.stdout)]
     assert sorted(r["rank"] for r in reports) == [0, 1], result.stdout + result.stderr
     for report in reports:
         assert report["world_size"] == 2
