@@ -19,7 +19,7 @@ from tests.distributed.harness import find_free_port
 
 SCRIPT = textwrap.dedent(
     """
-    import json, os, sys
+    import glob, json, os, sys
     import torch
     from accel_zero import Accelerator
 
@@ -41,12 +41,16 @@ SCRIPT = textwrap.dedent(
         "num_processes": accelerator.num_processes,
         "stage": accelerator.zero_config.stage,
         "checksum": float(sum(v.double().sum() for v in state.values())) if state else None,
+        "rank": accelerator.process_index,
     }
-    with open(os.path.join(sys.argv[1], f"rank{accelerator.process_index}.json"), "w") as f:
-        json.dump(out, f)
-    # Tear the process group down before exit, as an Accelerate script should: a gloo
-    # group still alive at interpreter exit can abort in its destructor (torch-side).
+    # Tear the process group down before exit, as an Accelerate script should; its gloo
+    # threads must be gone afterwards (left to interpreter exit, they can abort it).
     accelerator.end_training()
+    out["threads_after_end_training"] = sorted(
+        open(p).read().strip() for p in glob.glob("/proc/self/task/*/comm")
+    )
+    with open(os.path.join(sys.argv[1], f"rank{out['rank']}.json"), "w") as f:
+        json.dump(out, f)
     """
 )
 
@@ -70,3 +74,5 @@ def test_torchrun_without_gpu_runs_distributed_on_gloo(tmp_path: Path) -> None:
         assert r["num_processes"] == 2
         assert r["stage"] == 2  # from ACCEL_ZERO_CONFIG
     assert ranks[0]["checksum"] is not None  # main rank holds the full state dict
+    for r in ranks:  # end_training() really freed the gloo group (no worker threads left)
+        assert not [t for t in r["threads_after_end_training"] if "gloo" in t], r
