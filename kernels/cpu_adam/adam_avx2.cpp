@@ -35,7 +35,12 @@ inline __m128i to_bf16x8(__m256 p) {
 
 }  // namespace
 
-void adam_range_avx2(const AdamArgs& a, const TensorRefs& t, int64_t begin, int64_t end) {
+namespace {
+
+// Instantiated per gradient and copy dtype so the element loop has no dtype
+// branches (those are dispatched once per range below).
+template <int GradDType, int CopyDType>
+void range(const AdamArgs& a, const TensorRefs& t, int64_t begin, int64_t end) {
   const __m256 beta2 = _mm256_set1_ps(a.beta2);
   const __m256 omb1 = _mm256_set1_ps(a.one_minus_beta1);
   const __m256 omb2 = _mm256_set1_ps(a.one_minus_beta2);
@@ -48,9 +53,10 @@ void adam_range_avx2(const AdamArgs& a, const TensorRefs& t, int64_t begin, int6
   const bool use_l2 = a.l2 != 0.0f;
   const bool use_decay = a.decay != 1.0f;
   const bool scale = a.inv_scale != 1.0f;
-  int64_t i = begin;
-  for (; i + 8 <= end; i += 8) {
-    __m256 g = load_grad8(t.grad, a.grad_dtype, i);
+  // One 8-float vector per call, two per iteration: the structure of the AVX-512
+  // body (where independent chains measured faster), not measured on an AVX2 CPU.
+  auto update = [&](int64_t i) {
+    __m256 g = load_grad8(t.grad, GradDType, i);
     if (scale) g = _mm256_mul_ps(g, inv_scale);
     __m256 p = _mm256_loadu_ps(t.param + i);
     if (use_l2) g = _mm256_fmadd_ps(p, l2, g);
@@ -64,14 +70,33 @@ void adam_range_avx2(const AdamArgs& a, const TensorRefs& t, int64_t begin, int6
     _mm256_storeu_ps(t.param + i, p);
     _mm256_storeu_ps(t.exp_avg + i, m);
     _mm256_storeu_ps(t.exp_avg_sq + i, v);
-    if (a.copy_dtype == kBF16) {
+    if constexpr (CopyDType == kBF16) {
       _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(t.copy) + i), to_bf16x8(p));
-    } else if (a.copy_dtype == kF16) {
+    } else if constexpr (CopyDType == kF16) {
       _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(t.copy) + i),
                        _mm256_cvtps_ph(p, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
     }
+  };
+  int64_t i = begin;
+  for (; i + 16 <= end; i += 16) {
+    update(i);
+    update(i + 8);
   }
+  for (; i + 8 <= end; i += 8) update(i);
   adam_scalar_range(a, t, i, end);
+}
+
+}  // namespace
+
+void adam_range_avx2(const AdamArgs& a, const TensorRefs& t, int64_t begin, int64_t end) {
+  using Fn = void (*)(const AdamArgs&, const TensorRefs&, int64_t, int64_t);
+  static constexpr Fn table[3][3] = {
+      {range<kF32, kNone>, range<kF32, kBF16>, range<kF32, kF16>},
+      {range<kBF16, kNone>, range<kBF16, kBF16>, range<kBF16, kF16>},
+      {range<kF16, kNone>, range<kF16, kBF16>, range<kF16, kF16>},
+  };
+  const int copy = a.copy_dtype == kNone ? 0 : a.copy_dtype;  // kBF16 = 1, kF16 = 2
+  table[a.grad_dtype][copy](a, t, begin, end);
 }
 
 // Auto-vectorised under this unit's target pragma.

@@ -34,7 +34,12 @@ inline __m256i to_bf16x16(__m512 p) {
 
 }  // namespace
 
-void adam_range_avx512(const AdamArgs& a, const TensorRefs& t, int64_t begin, int64_t end) {
+namespace {
+
+// Instantiated per gradient and copy dtype so the element loop has no dtype
+// branches (those are dispatched once per range below).
+template <int GradDType, int CopyDType>
+void range(const AdamArgs& a, const TensorRefs& t, int64_t begin, int64_t end) {
   const __m512 beta2 = _mm512_set1_ps(a.beta2);
   const __m512 omb1 = _mm512_set1_ps(a.one_minus_beta1);
   const __m512 omb2 = _mm512_set1_ps(a.one_minus_beta2);
@@ -47,9 +52,12 @@ void adam_range_avx512(const AdamArgs& a, const TensorRefs& t, int64_t begin, in
   const bool use_l2 = a.l2 != 0.0f;
   const bool use_decay = a.decay != 1.0f;
   const bool scale = a.inv_scale != 1.0f;
-  int64_t i = begin;
-  for (; i + 16 <= end; i += 16) {
-    __m512 g = load_grad16(t.grad, a.grad_dtype, i);
+  // One 16-float vector per call, four per iteration: independent dependency
+  // chains (sqrt, two divides) overlap the loads. With the dtype branches hoisted
+  // (template above) this measured 5-7% faster than one vector per iteration on
+  // 50M params at 1 and 2 threads (old and new builds interleaved in one process).
+  auto update = [&](int64_t i) {
+    __m512 g = load_grad16(t.grad, GradDType, i);
     if (scale) g = _mm512_mul_ps(g, inv_scale);
     __m512 p = _mm512_loadu_ps(t.param + i);
     if (use_l2) g = _mm512_fmadd_ps(p, l2, g);
@@ -63,14 +71,35 @@ void adam_range_avx512(const AdamArgs& a, const TensorRefs& t, int64_t begin, in
     _mm512_storeu_ps(t.param + i, p);
     _mm512_storeu_ps(t.exp_avg + i, m);
     _mm512_storeu_ps(t.exp_avg_sq + i, v);
-    if (a.copy_dtype == kBF16) {
+    if constexpr (CopyDType == kBF16) {
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<uint16_t*>(t.copy) + i), to_bf16x16(p));
-    } else if (a.copy_dtype == kF16) {
+    } else if constexpr (CopyDType == kF16) {
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<uint16_t*>(t.copy) + i),
                           _mm512_cvtps_ph(p, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
     }
+  };
+  int64_t i = begin;
+  for (; i + 64 <= end; i += 64) {
+    update(i);
+    update(i + 16);
+    update(i + 32);
+    update(i + 48);
   }
+  for (; i + 16 <= end; i += 16) update(i);
   adam_scalar_range(a, t, i, end);
+}
+
+}  // namespace
+
+void adam_range_avx512(const AdamArgs& a, const TensorRefs& t, int64_t begin, int64_t end) {
+  using Fn = void (*)(const AdamArgs&, const TensorRefs&, int64_t, int64_t);
+  static constexpr Fn table[3][3] = {
+      {range<kF32, kNone>, range<kF32, kBF16>, range<kF32, kF16>},
+      {range<kBF16, kNone>, range<kBF16, kBF16>, range<kBF16, kF16>},
+      {range<kF16, kNone>, range<kF16, kBF16>, range<kF16, kF16>},
+  };
+  const int copy = a.copy_dtype == kNone ? 0 : a.copy_dtype;  // kBF16 = 1, kF16 = 2
+  table[a.grad_dtype][copy](a, t, begin, end);
 }
 
 // Auto-vectorised under this unit's target pragma.
