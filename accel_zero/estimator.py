@@ -1,19 +1,25 @@
 """Per-rank model-state memory for ZeRO stages 1/2/3 and each offload setting.
 
-Accounting follows the ZeRO paper (Rajbhandari et al. 2020, section 3.1 and 5):
-a model of Ψ parameters trained with Adam in mixed precision holds
+The accounting is accel_zero's own layout, so ``accel-zero estimate`` agrees
+byte for byte with ``accelerator.memory_report()`` after a step
+(tests/distributed/test_engine.py checks it for every stage, fp32 and bf16).
+For a model of Ψ parameters on N ranks, with ``S`` = the sum of the per-rank
+shards (each parameter split along dim 0 into ceil(dim0 / N)-row chunks, padding
+counted; 0-d parameters replicated), c = 2 bytes (bf16/fp16) or 4 (fp32):
 
-* parameters in the compute dtype: 2Ψ bytes (bf16/fp16), 4Ψ (fp32);
-* gradients in the compute dtype: 2Ψ (bf16/fp16), 4Ψ (fp32);
-* optimizer state K·Ψ: fp32 master copy + Adam m + v = K = 12 bytes/param.
-  In fp32 training the parameters themselves are the master copy, so K = 8.
+* parameters: a c·S shard on every rank, plus, for parameters kept whole (all of
+  them in stages 1/2; in stage 3 those with fewer than
+  ``param_persistence_threshold`` elements), the whole c-byte parameter;
+* gradients: an fp32 shard, 4·S, in every stage (the reduced, averaged gradient
+  the optimizer steps on; full-size gradients live only until their unit is
+  reduced, so they are working set, not state);
+* optimizer state (Adam): K·S with K = 12 (fp32 master + m + v) in mixed
+  precision and K = 8 in fp32 (the fp32 shard is the master), plus 4 bytes per
+  parameter tensor for Adam's step count.
 
-Per rank, with N ranks: stage 1 shards the optimizer state (params + grads + K/N),
-stage 2 also the gradients, stage 3 also the parameters. Shards follow accel_zero's
-layout: each parameter is split along dim 0 into ceil(dim0 / N)-row chunks (padding
-counted), 0-d parameters are replicated. In stage 3, parameters with fewer than
-``param_persistence_threshold`` elements stay whole on every rank (their gradients and
-optimizer state are still sharded).
+The ZeRO paper (Rajbhandari et al. 2020, section 3.1) counts gradients in the
+compute dtype and stage-1/2 parameters without the shard: 2Ψ fewer bytes of
+gradients in bf16 stage 3 than accel_zero really keeps.
 
 Offload (ZeRO-Offload / ZeRO-Infinity): ``offload_optimizer=cpu`` moves the optimizer
 state to host memory, and in stages 2/3 also the gradient shard (the update runs on
@@ -37,7 +43,9 @@ from accel_zero.config import parse_count
 
 _COMPUTE_BYTES = {"no": 4, "fp32": 4, "bf16": 2, "fp16": 2}
 _ADAM_MIXED = 12  # fp32 master + m + v
-_ADAM_FP32 = 8  # m + v; the fp32 parameters are the master copy
+_ADAM_FP32 = 8  # m + v; the fp32 shard is the master copy
+_ADAM_STEP = 4  # torch.optim.Adam(W)'s per-tensor fp32 step count
+_GRAD_SHARD = 4  # gradient shards are accumulated in fp32
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -67,11 +75,11 @@ class StateEstimate:
     offload_param: str
     """none or cpu (stage 3 only)."""
     param_bytes: int
-    """Parameters (full in stages 1/2; shard plus persistent params in stage 3)."""
+    """Parameter shards, plus the whole parameters (stages 1/2) or persistent ones (stage 3)."""
     grad_bytes: int
-    """Gradients (full in stage 1; shard in stages 2/3)."""
+    """Gradient shards, accumulated in fp32 (every stage)."""
     optimizer_bytes: int
-    """fp32 master copy and Adam moments (always a shard)."""
+    """fp32 master copy and Adam moments (always a shard), and Adam's step counts."""
     device_bytes: int
     """Bytes on the compute device."""
     cpu_bytes: int
@@ -108,23 +116,20 @@ def estimate(
         )
     compute = _COMPUTE_BYTES[mixed_precision]
     optim = _ADAM_FP32 if compute == 4 else _ADAM_MIXED
-    full = model.numel
     sharded = sum(shard_numel(shape, world_size) for shape in model.shapes)
-    # Stage 3 parameters: persistent ones whole, the rest as shards.
-    stage3_params = sum(
-        math.prod(shape)
-        if math.prod(shape) < param_persistence_threshold
-        else shard_numel(shape, world_size)
-        for shape in model.shapes
+    # Parameters kept whole besides their shard: all in stages 1/2, persistent ones in 3.
+    full = model.numel
+    persistent = sum(
+        math.prod(shape) for shape in model.shapes if math.prod(shape) < param_persistence_threshold
     )
 
     results = []
     settings = [(s, o, "none") for s in (1, 2, 3) for o in ("none", "cpu", "nvme")]
     settings += [(3, "cpu", "cpu"), (3, "nvme", "cpu")]
     for stage, off_opt, off_param in settings:
-        params = compute * (full if stage < 3 else stage3_params)
-        grads = compute * (full if stage == 1 else sharded)
-        optimizer = optim * sharded
+        params = compute * (sharded + (full if stage < 3 else persistent))
+        grads = _GRAD_SHARD * sharded
+        optimizer = optim * sharded + _ADAM_STEP * len(model.shapes)
         place = {"device": 0, "cpu": 0, "nvme": 0}
         place["cpu" if off_param == "cpu" else "device"] += params
         grads_on_host = off_opt != "none" and stage >= 2

@@ -28,38 +28,43 @@ def _row(rows: list[StateEstimate], stage: int, opt: str, param: str = "none") -
 
 
 def test_bf16_one_million_params_four_ranks() -> None:
-    # Ψ = 1e6, N = 4, bf16: params 2Ψ, grads 2Ψ, optimizer 12Ψ (fp32 master + m + v).
+    # Ψ = 1e6 in one tensor, N = 4, bf16: shard S = Ψ/4. Every stage keeps a 2S bf16 param
+    # shard, a 4S fp32 gradient shard and 12S of optimizer state (fp32 master + m + v) + 4 B
+    # (Adam's step count); stages 1/2 also keep the whole 2Ψ parameters.
     rows = estimate(shapes_from_params(1_000_000), world_size=4, mixed_precision="bf16")
     assert len(rows) == 11
     s1, s2, s3 = _row(rows, 1, "none"), _row(rows, 2, "none"), _row(rows, 3, "none")
-    # Stage 1: 2Ψ + 2Ψ + 12Ψ/4 = 7e6.
-    assert (s1.param_bytes, s1.grad_bytes, s1.optimizer_bytes) == (2_000_000, 2_000_000, 3_000_000)
-    assert s1.device_bytes == 7_000_000 and s1.cpu_bytes == 0
-    # Stage 2: 2Ψ + (2 + 12)Ψ/4 = 5.5e6.
-    assert s2.device_bytes == 5_500_000
-    # Stage 3: 16Ψ/4 = 4e6.
-    assert s3.device_bytes == s3.total_bytes == 4_000_000
+    assert (s1.param_bytes, s1.grad_bytes, s1.optimizer_bytes) == (2_500_000, 1_000_000, 3_000_004)
+    assert s1.device_bytes == 6_500_004 and s1.cpu_bytes == 0
+    assert s2.device_bytes == 6_500_004  # stage 2 differs from 1 only under no_sync
+    # Stage 3: (2 + 4 + 12) S + 4 = 4.5e6 + 4.
+    assert (s3.param_bytes, s3.grad_bytes) == (500_000, 1_000_000)
+    assert s3.device_bytes == s3.total_bytes == 4_500_004
 
-    # Optimizer on CPU: stage 3 keeps the 0.5e6 param shard on the device, grads + state on host.
+    # Optimizer on CPU: stage 3 keeps the param shard on the device, grads + state on host.
     cpu3 = _row(rows, 3, "cpu")
-    assert (cpu3.device_bytes, cpu3.cpu_bytes, cpu3.nvme_bytes) == (500_000, 3_500_000, 0)
+    assert (cpu3.device_bytes, cpu3.cpu_bytes, cpu3.nvme_bytes) == (500_000, 4_000_004, 0)
     nvme3 = _row(rows, 3, "nvme")
-    assert (nvme3.device_bytes, nvme3.cpu_bytes, nvme3.nvme_bytes) == (500_000, 500_000, 3_000_000)
+    assert (nvme3.device_bytes, nvme3.cpu_bytes, nvme3.nvme_bytes) == (
+        500_000,
+        1_000_000,
+        3_000_004,
+    )
     both = _row(rows, 3, "cpu", "cpu")
-    assert (both.device_bytes, both.cpu_bytes) == (0, 4_000_000)
-    # Stage 1 offload moves only the optimizer state: grads stay whole on the device.
+    assert (both.device_bytes, both.cpu_bytes) == (0, 4_500_004)
+    # Stage 1 offload moves only the optimizer state: grads stay on the device.
     cpu1 = _row(rows, 1, "cpu")
-    assert (cpu1.device_bytes, cpu1.cpu_bytes) == (4_000_000, 3_000_000)
+    assert (cpu1.device_bytes, cpu1.cpu_bytes) == (3_500_000, 3_000_004)
     assert ddp_bytes(shapes_from_params(1_000_000)) == 16_000_000
 
 
 def test_fp32_stage3_two_ranks_is_half_of_ddp() -> None:
-    # fp32: params 4Ψ, grads 4Ψ, Adam m + v 8Ψ (the fp32 params are the master copy).
+    # fp32: param shard 4S, grad shard 4S, Adam m + v 8S (the fp32 shard is the master).
     model = shapes_from_params(1_000_000)
     s3 = _row(estimate(model, world_size=2, mixed_precision="no"), 3, "none")
-    assert (s3.param_bytes, s3.grad_bytes, s3.optimizer_bytes) == (2_000_000, 2_000_000, 4_000_000)
+    assert (s3.param_bytes, s3.grad_bytes, s3.optimizer_bytes) == (2_000_000, 2_000_000, 4_000_004)
     assert ddp_bytes(model, mixed_precision="no") == 16_000_000
-    assert s3.total_bytes / ddp_bytes(model, mixed_precision="no") == 0.5
+    assert s3.total_bytes - 4 == ddp_bytes(model, mixed_precision="no") / 2
 
 
 def test_padding_and_persistent_params() -> None:
@@ -69,12 +74,12 @@ def test_padding_and_persistent_params() -> None:
     model = ModelShapes(shapes=((10, 3), (5,)))
     rows = estimate(model, world_size=4, mixed_precision="bf16", param_persistence_threshold=8)
     s3 = _row(rows, 3, "none")
-    # (5,) has 5 < 8 elements: whole on every rank. Shards: 9 + ceil(5/4) = 11 elements.
-    assert s3.param_bytes == 2 * (9 + 5)
-    assert s3.grad_bytes == 2 * 11
-    assert s3.optimizer_bytes == 12 * 11
+    # Shards: 9 + ceil(5/4) = 11 elements. (5,) has 5 < 8 elements: also kept whole.
+    assert s3.param_bytes == 2 * (11 + 5)
+    assert s3.grad_bytes == 4 * 11
+    assert s3.optimizer_bytes == 12 * 11 + 2 * 4
     s2 = _row(rows, 2, "none")
-    assert (s2.param_bytes, s2.grad_bytes) == (2 * 35, 2 * 11)
+    assert (s2.param_bytes, s2.grad_bytes) == (2 * (11 + 35), 4 * 11)
 
 
 def test_estimate_rejects_bad_arguments() -> None:
@@ -110,9 +115,9 @@ def test_cli_estimate_prints_table(tmp_path: Path, capsys: pytest.CaptureFixture
     stage3 = [
         line.split() for line in out.splitlines() if line.split()[:3] == ["3", "none", "none"]
     ]
-    # 4e6 bytes = 3.81 MiB on the device, nothing on host or disk.
-    assert stage3 == [["3", "none", "none", "488.28", "KiB", "488.28", "KiB", "2.86", "MiB",
-                       "3.81", "MiB", "0", "B", "0", "B"]]  # fmt: skip
+    # 4.5e6 + 4 bytes = 4.29 MiB on the device, nothing on host or disk.
+    assert stage3 == [["3", "none", "none", "488.28", "KiB", "976.56", "KiB", "2.86", "MiB",
+                       "4.29", "MiB", "0", "B", "0", "B"]]  # fmt: skip
 
     folder, _ = _tiny_gpt2(tmp_path)
     assert cli.main(["estimate", str(folder), "--world-size", "2", "--mixed-precision", "no"]) == 0
