@@ -59,6 +59,14 @@ class EngineContext:
     """Dtype gradients are reduced in."""
 
 
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    """``cpu`` and ``cpu:0`` (or ``cuda`` and ``cuda:0``) are one device to us; torch's ``==``
+    says they differ, which replaced every parameter of a CPU model (losing its identity)."""
+    if a.type != b.type:
+        return False
+    return a.index is None or b.index is None or a.index == b.index
+
+
 def _is_dtensor(t: torch.Tensor) -> bool:
     try:
         from torch.distributed.tensor import DTensor
@@ -325,7 +333,11 @@ class Engine:
             for i, slot in enumerate(unit.slots):
                 old = slot.param
                 self._original_params[id(old)] = old
-                if _is_dtensor(old) or old.dtype != slot.dtype or old.device != unit.device:
+                if (
+                    _is_dtensor(old)
+                    or old.dtype != slot.dtype
+                    or not _same_device(old.device, unit.device)
+                ):
                     new = nn.Parameter(unit.placeholder(slot), requires_grad=old.requires_grad)
                     new_for[id(old)] = new
                     self.replaced[id(old)] = new
