@@ -18,7 +18,6 @@ import datetime
 import importlib
 import logging
 import os
-import time
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -28,7 +27,7 @@ from accelerate.optimizer import AcceleratedOptimizer
 from accelerate.utils import DistributedType, InitProcessGroupKwargs
 from torch import nn
 
-from accel_zero.comm import Comm
+from accel_zero.comm import Comm, let_gloo_workers_finish
 from accel_zero.config import ZeroConfig
 from accel_zero.engine import Engine, EngineContext
 from accel_zero.optim import LossScaler, ZeroOptimizer
@@ -63,17 +62,6 @@ def _import_dynamo_before_process_group() -> None:
         importlib.import_module("torch._dynamo")
 
 
-def _let_gloo_workers_finish() -> None:
-    """Release the GIL briefly before the default group is freed.
-
-    ``~ProcessGroupGloo`` joins its worker threads with the GIL held, and a
-    worker still dropping its last finished work (tensors with Python objects)
-    needs the GIL: both wait forever (seen under gdb; the same wait guards
-    tests/distributed/harness.py, [Note: gloo teardown deadlock] there).
-    """
-    time.sleep(0.05)
-
-
 def _destroy_gloo_group_at_exit() -> None:
     """``end_training()`` for scripts that forgot it, while the interpreter is whole.
 
@@ -82,7 +70,7 @@ def _destroy_gloo_group_at_exit() -> None:
     """
     dist = torch.distributed
     if dist.is_available() and dist.is_initialized() and dist.get_backend() == "gloo":
-        _let_gloo_workers_finish()
+        let_gloo_workers_finish()
         dist.destroy_process_group()
 
 
@@ -331,7 +319,7 @@ class Accelerator(accelerate.Accelerator):
 
     def end_training(self) -> None:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            _let_gloo_workers_finish()
+            let_gloo_workers_finish()
         super().end_training()
 
     def free_memory(self, *objects: Any) -> Any:

@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Comm", "CommStats", "PendingWork"]
+__all__ = ["Comm", "CommStats", "PendingWork", "let_gloo_workers_finish"]
 
 # torch >= 2.13 names the flat collectives *_single; older releases *_tensor.
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -49,6 +49,20 @@ class CommStats:
             "bytes": dict(self.bytes),
             "wait_seconds": self.wait_seconds,
         }
+
+
+def let_gloo_workers_finish() -> None:
+    """Release the GIL briefly before a gloo group can be freed.
+
+    [Note: gloo teardown deadlock] ``~ProcessGroupGloo`` joins its worker
+    threads while the caller holds the GIL; a worker still freeing a finished
+    ``AsyncAllreduceWork`` whose tensors have Python objects needs the GIL to
+    decref them. Seen (gdb) when a DDP reducer dropped the last reference to
+    the group right after the last all-reduce: both threads wait forever. Call
+    this before the last reference to a group can drop (``destroy_process_group``,
+    freeing a DDP model).
+    """
+    time.sleep(0.05)
 
 
 class PendingWork:

@@ -54,6 +54,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from accel_zero.comm import let_gloo_workers_finish
 from accel_zero.launch import find_free_port
 
 __all__ = ["RankFailure", "RankPool", "find_free_port", "init_pg", "run_ranks"]
@@ -71,20 +72,6 @@ class RankFailure(AssertionError):
     def __init__(self, message: str, failures: dict[int, str]) -> None:
         super().__init__(message)
         self.failures = failures
-
-
-def _let_gloo_threads_drain() -> None:
-    """Release the GIL briefly so gloo's worker threads finish freeing completed work.
-
-    [Note: gloo teardown deadlock] ``~ProcessGroupGloo`` joins its worker
-    threads while the caller holds the GIL; a worker still freeing a finished
-    ``AsyncAllreduceWork`` whose tensors have Python objects needs the GIL to
-    decref them. Seen (gdb) when a DDP reducer dropped the last reference to
-    the group right after the last all-reduce: both threads wait forever. The
-    last reference is dropped by the caller (or by freeing a DDP model), so
-    wait here, before it can be.
-    """
-    time.sleep(0.05)
 
 
 class init_pg:
@@ -120,7 +107,7 @@ class init_pg:
     def teardown() -> None:
         """Destroy the default process group if one exists (idempotent)."""
         if dist.is_initialized():
-            _let_gloo_threads_drain()
+            let_gloo_workers_finish()
             dist.destroy_process_group()
 
     def __enter__(self) -> init_pg:
@@ -160,11 +147,11 @@ def _run_task(
             faulthandler.cancel_dump_traceback_later()
             if dist.is_initialized():
                 # Leave no half-open group behind; errors here must not mask fn's.
-                _let_gloo_threads_drain()  # See [Note: gloo teardown deadlock]
+                let_gloo_workers_finish()  # See [Note: gloo teardown deadlock]
                 with contextlib.suppress(Exception):
                     dist.destroy_process_group()
             else:
-                _let_gloo_threads_drain()  # groups fn made and freed may still be draining
+                let_gloo_workers_finish()  # groups fn made and freed may still be draining
     tmp = out / f"result{rank}.pkl.tmp"
     tmp.write_bytes(payload)
     tmp.rename(out / f"result{rank}.pkl")  # atomic: the parent never reads half a file

@@ -215,7 +215,7 @@ def train_ddp_in_group(rank: int, world_size: int, spec: TrainSpec) -> TrainResu
     result = TrainResult(losses=losses, grad_norms=norms, state_dict=_cpu_state(model))
     # Free the reducer while the group is still registered, so the group's last
     # reference drops at teardown, after its threads drained.
-    # See [Note: gloo teardown deadlock] in harness.py.
+    # See [Note: gloo teardown deadlock] in accel_zero/comm.py.
     del ddp, optimizer
     return result
 
