@@ -15,7 +15,6 @@ from __future__ import annotations
 import atexit
 import contextlib
 import datetime
-import importlib
 import logging
 import os
 from collections.abc import Iterable, Iterator
@@ -27,7 +26,7 @@ from accelerate.optimizer import AcceleratedOptimizer
 from accelerate.utils import DistributedType, InitProcessGroupKwargs
 from torch import nn
 
-from accel_zero.comm import Comm, let_gloo_workers_finish
+from accel_zero.comm import Comm, import_dynamo_before_process_group, let_gloo_workers_finish
 from accel_zero.config import ZeroConfig
 from accel_zero.engine import Engine, EngineContext
 from accel_zero.optim import LossScaler, ZeroOptimizer
@@ -43,23 +42,6 @@ _SUPPORTED = (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MUL
 
 def _launched_distributed() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 or "LOCAL_RANK" in os.environ
-
-
-def _import_dynamo_before_process_group() -> None:
-    """Import ``torch._dynamo`` while no process group exists yet.
-
-    Measured with torch 2.13 + gloo: when ``torch._dynamo`` is first imported
-    *after* ``init_process_group`` (building any ``torch.optim`` optimizer does
-    it), ``destroy_process_group()`` no longer frees the group: its gloo threads
-    (``pt_gloo_runloop``, ``gloo_tcp_loop``) outlive ``end_training()`` and are
-    torn down during interpreter finalisation, where the process sometimes
-    aborts with "terminate called without an active exception". Imported first,
-    the group is freed at ``destroy_process_group()``. Every training script
-    imports it anyway (the optimizer), so this moves the cost, it does not add
-    it. tests/integration/test_torchrun.py checks the threads are gone.
-    """
-    if torch.distributed.is_available() and not torch.distributed.is_initialized():
-        importlib.import_module("torch._dynamo")
 
 
 def _destroy_gloo_group_at_exit() -> None:
@@ -137,7 +119,7 @@ class Accelerator(accelerate.Accelerator):
                 InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=config.timeout))
             )
         kwargs["kwargs_handlers"] = handlers
-        _import_dynamo_before_process_group()
+        import_dynamo_before_process_group()
         super().__init__(*args, **kwargs)
         global _exit_hook_registered
         if not _exit_hook_registered:

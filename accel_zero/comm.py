@@ -9,6 +9,7 @@ what was being communicated.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import time
 from collections import Counter
@@ -20,7 +21,13 @@ import torch.distributed as dist
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Comm", "CommStats", "PendingWork", "let_gloo_workers_finish"]
+__all__ = [
+    "Comm",
+    "CommStats",
+    "PendingWork",
+    "import_dynamo_before_process_group",
+    "let_gloo_workers_finish",
+]
 
 # torch >= 2.13 names the flat collectives *_single; older releases *_tensor.
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -49,6 +56,25 @@ class CommStats:
             "bytes": dict(self.bytes),
             "wait_seconds": self.wait_seconds,
         }
+
+
+def import_dynamo_before_process_group() -> None:
+    """Import ``torch._dynamo`` while no process group exists yet.
+
+    Measured with torch 2.13 + gloo: when ``torch._dynamo`` is first imported
+    *after* ``init_process_group`` (building any ``torch.optim`` optimizer or
+    calling ``from_pretrained`` does it), ``destroy_process_group()`` no longer
+    frees the group: its gloo threads (``pt_gloo_runloop``, ``gloo_tcp_loop``)
+    outlive ``end_training()`` and are torn down during interpreter
+    finalisation, where the process sometimes aborts with "terminate called
+    without an active exception". Imported first, the group is freed at
+    ``destroy_process_group()``. Every training script imports it anyway (the
+    optimizer), so this moves the cost, it does not add it. Called by
+    ``accel_zero.Accelerator`` and the test harness; tests/integration/
+    test_torchrun.py and tests/distributed/test_lazy.py check the threads are gone.
+    """
+    if dist.is_available() and not dist.is_initialized():
+        importlib.import_module("torch._dynamo")
 
 
 def let_gloo_workers_finish() -> None:

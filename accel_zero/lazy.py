@@ -281,7 +281,29 @@ def _mesh_for(accelerator: Any) -> DeviceMesh:
     device_type = torch.device(device).type if device is not None else "cpu"
     if device_type not in ("cpu", "cuda"):
         device_type = "cpu"
-    return DeviceMesh.from_group(dist.group.WORLD, device_type)  # type: ignore[arg-type]
+    mesh = DeviceMesh.from_group(dist.group.WORLD, device_type)  # type: ignore[arg-type]
+    _forget_group_objects(mesh)
+    return mesh
+
+
+def _forget_group_objects(mesh: DeviceMesh) -> None:
+    """Let the mesh hold its process group by name only.
+
+    [Note: a mesh keeps its group alive]
+    A ``DeviceMesh`` stores the group object itself in ``_pg_registry`` (torch 2.13), and
+    DTensor keeps meshes in process-wide caches once it has communicated on them (sharding
+    propagation, redistribute planning). So after one ``full_tensor()`` or redistribution on
+    a lazily built parameter, ``destroy_process_group()`` no longer frees the gloo group: its
+    worker threads live on until interpreter exit, which is where gloo can abort the process
+    ("terminate called without an active exception"). Measured: ``lazy_init`` + ``prepare``
+    + one step + ``end_training()`` left 3 gloo threads per rank; none with this. Eager code
+    reaches the group through its name (``_resolve_process_group``), which stays valid while
+    the group lives; only ``torch.compile`` tracing reads the registry, and nothing compiles
+    through a lazily built parameter before ``prepare`` replaces it.
+    """
+    registry = getattr(mesh, "_pg_registry", None)
+    if isinstance(registry, dict):
+        registry.clear()
 
 
 @contextmanager

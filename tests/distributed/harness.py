@@ -54,10 +54,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from accel_zero.comm import let_gloo_workers_finish
+from accel_zero.comm import import_dynamo_before_process_group, let_gloo_workers_finish
 from accel_zero.launch import find_free_port
 
-__all__ = ["RankFailure", "RankPool", "find_free_port", "init_pg", "run_ranks"]
+__all__ = ["RankFailure", "RankPool", "find_free_port", "gloo_threads", "init_pg", "run_ranks"]
 
 # How long a rank's Python stack dump precedes the harness's own deadline.
 _STACK_DUMP_LEAD_S = 2.0
@@ -72,6 +72,20 @@ class RankFailure(AssertionError):
     def __init__(self, message: str, failures: dict[int, str]) -> None:
         super().__init__(message)
         self.failures = failures
+
+
+def gloo_threads() -> list[str]:
+    """Names of this process's live gloo threads; empty once every group has been freed.
+
+    A destroyed group whose object something still holds keeps its threads (two
+    ``pt_gloo_runloop`` and a ``gloo_tcp_loop``) until interpreter exit, where gloo can
+    abort the process. See [Note: a mesh keeps its group alive] in accel_zero/lazy.py.
+    """
+    names = []
+    for comm in Path("/proc/self/task").glob("*/comm"):
+        with contextlib.suppress(OSError):
+            names.append(comm.read_text().strip())
+    return sorted(n for n in names if "gloo" in n)
 
 
 class init_pg:
@@ -95,6 +109,7 @@ class init_pg:
                 f"rank {rank}: a default process group already exists; "
                 "call init_pg once per rank (or use the one the code under test created)"
             )
+        import_dynamo_before_process_group()  # else destroy cannot free the group
         dist.init_process_group(
             backend=backend,
             init_method="env://",
@@ -168,6 +183,7 @@ def _rank_main(
 ) -> None:
     """Entry point of one spawned rank (``run_ranks`` without a pool)."""
     os.environ.update(env)
+    faulthandler.enable(all_threads=True)  # a crash (SIGSEGV, abort) prints every Python stack
     torch.set_num_threads(1)
     _run_task(fn, rank, world_size, args, out_dir, deadline_wall)
 
@@ -184,6 +200,7 @@ def _reset_accelerate_state() -> None:
 
 def _pool_worker(rank: int, world_size: int, tasks: Any, idle: Any) -> None:
     """A pool rank: run tasks until ``None``, each with fresh env and process group."""
+    faulthandler.enable(all_threads=True)
     torch.set_num_threads(1)
     base_env = dict(os.environ)
     # See [Note: pool cleanup]: cyclic garbage is collected only between tasks.

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import torch
 
-from tests.distributed.harness import init_pg, run_ranks
+from tests.distributed.harness import gloo_threads, init_pg, run_ranks
 from tests.distributed.test_lazy_common import (
     ReadCounter,
     check_layout,
@@ -63,12 +63,16 @@ def _load_and_compare(rank: int, world_size: int, kind: str, path: str) -> dict[
             ref = plain.eval()(input_ids=x)
             got = gathered(input_ids=x)
         key = "logits" if hasattr(ref, "logits") else "last_hidden_state"
-        return {
-            "bad": bad,
-            "read": read,
-            "logits_equal": torch.equal(getattr(ref, key), getattr(got, key)),
-            "warnings": [str(w.message) for w in caught if "accel_zero" in str(w.message)],
-        }
+    # the group is destroyed and really freed, though the lazy model (DTensors that have
+    # communicated on its mesh) is still alive
+    left = gloo_threads()
+    return {
+        "gloo_threads_after_destroy": left,
+        "bad": bad,
+        "read": read,
+        "logits_equal": torch.equal(getattr(ref, key), getattr(got, key)),
+        "warnings": [str(w.message) for w in caught if "accel_zero" in str(w.message)],
+    }
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama", "bert", "seqcls"])
@@ -79,6 +83,7 @@ def test_from_pretrained_equals_plain_and_reads_half(kind: str, tmp_path: Path) 
     for rank, res in enumerate(results):
         assert res["bad"] == [], f"rank {rank}: {res['bad']}"
         assert res["logits_equal"], f"rank {rank}"
+        assert res["gloo_threads_after_destroy"] == [], f"rank {rank}: group not freed"
     reads = [r["read"] for r in results]
     # every checkpoint byte read exactly once across the ranks, about half each
     assert sum(reads) == total, (reads, total)
@@ -99,6 +104,7 @@ def test_four_ranks_read_a_quarter_of_a_sharded_checkpoint(tmp_path: Path) -> No
     for rank, res in enumerate(results):
         assert res["bad"] == [], f"rank {rank}: {res['bad']}"
         assert res["logits_equal"]
+        assert res["gloo_threads_after_destroy"] == [], f"rank {rank}: group not freed"
     reads = [r["read"] for r in results]
     assert sum(reads) == total, (reads, total)
     for read in reads:
@@ -114,6 +120,7 @@ def test_converted_moe_weights_load_sharded(tmp_path: Path) -> None:
     for rank, res in enumerate(results):
         assert res["bad"] == [], f"rank {rank}: {res['bad']}"
         assert res["logits_equal"]
+        assert res["gloo_threads_after_destroy"] == [], f"rank {rank}: group not freed"
     reads = [r["read"] for r in results]
     assert sum(reads) == total and max(reads) <= 0.55 * total, (reads, total)
 

@@ -3,7 +3,9 @@
 Plain ``accelerate.Accelerator()`` would run each rank as an independent single
 process there (``DistributedType.NO``, no gradient averaging). The config comes
 from ``ACCEL_ZERO_CONFIG`` (a YAML path), the route for launchers other than
-``accel-zero launch``.
+``accel-zero launch``. The model is built under ``lazy_init`` with a 0-d parameter, whose
+replicated DTensor ``prepare`` gathers on the lazy mesh: after that, ``end_training()`` must
+still free the gloo group (see [Note: a mesh keeps its group alive]).
 """
 
 from __future__ import annotations
@@ -21,11 +23,25 @@ SCRIPT = textwrap.dedent(
     """
     import glob, json, os, sys
     import torch
-    from accel_zero import Accelerator
+    from accel_zero import Accelerator, lazy_init
+
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = torch.nn.Sequential(
+                torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4)
+            )
+            self.scale = torch.nn.Parameter(torch.tensor(1.0))  # 0-d: replicated DTensor
+
+        def forward(self, x):
+            return self.body(x) * self.scale
+
 
     accelerator = Accelerator()
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    with lazy_init(accelerator):  # built sharded; prepare gathers the 0-d DTensor
+        model = Net()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     model, optimizer = accelerator.prepare(model, optimizer)
     torch.manual_seed(1 + accelerator.process_index)  # different data on each rank
