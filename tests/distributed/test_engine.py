@@ -274,6 +274,41 @@ def test_ranks_running_different_order_get_a_clear_error(rank_pool: Any) -> None
         assert f"rank {rank}" in msg and "ranks ran different modules" in msg, msg
 
 
+_HANG_TIMEOUT_S = 3.0
+
+
+def _hung_rank_body(rank: int, world: int) -> tuple[str, float, str]:
+    """Rank 1 stops taking part (hangs in Python); rank 0's next gather must time out."""
+    import time
+
+    accelerator = _accelerator(stage=3, timeout=_HANG_TIMEOUT_S)
+    torch.manual_seed(0)
+    model = accelerator.prepare(build_model("plain", seed=0))
+    x = torch.randint(0, VOCAB, (2, 8))
+    with torch.no_grad():
+        model(input_ids=x)  # both ranks: a normal pass
+    if rank == 1:
+        time.sleep(_HANG_TIMEOUT_S + 20)  # hung well past the timeout, then leaves
+        return ("hung", 0.0, "")
+    start = time.monotonic()
+    try:
+        with torch.no_grad():
+            model(input_ids=x)
+    except RuntimeError as exc:
+        return ("error", time.monotonic() - start, str(exc))
+    return ("no error", time.monotonic() - start, "")
+
+
+def test_a_hung_rank_surfaces_as_an_error_after_the_timeout(rank_pool: Any) -> None:
+    """README: a rank that hangs surfaces as an error after ``timeout``, naming rank and op."""
+    outcome, elapsed, msg = run_ranks(_hung_rank_body, 2, timeout=120, pool=rank_pool(2))[0]
+    assert outcome == "error", (outcome, elapsed)
+    # it was the timeout that ended the wait, not rank 1 leaving 20 s later
+    assert _HANG_TIMEOUT_S * 0.9 <= elapsed < _HANG_TIMEOUT_S + 15, elapsed
+    assert "rank 0/2" in msg and "all_gather of unit" in msg and "timeout 3 s" in msg, msg
+    assert "Timed out" in msg, msg  # gloo's own timeout, not a closed connection
+
+
 def _trace_change_body(rank: int, world: int) -> dict[str, Any]:
     accelerator = _accelerator(stage=3)
     model = build_model("sometimes", seed=0)
