@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from accel_zero.config import LossScaleConfig
+from accel_zero.tracer import nbytes
 
 if TYPE_CHECKING:
     from accel_zero.engine import Engine
@@ -278,7 +279,7 @@ class ZeroOptimizer:
             for value in state.values():
                 if isinstance(value, torch.Tensor) and id(value) not in seen:
                     seen.add(id(value))
-                    total += value.numel() * value.element_size()
+                    total += nbytes(value)
         tracer = self.engines[0].ctx.tracer
         delta = total - self._state_bytes
         if delta > 0:
