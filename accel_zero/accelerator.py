@@ -255,12 +255,54 @@ class Accelerator(accelerate.Accelerator):
         )
 
     def gathered_parameters(self, model: nn.Module) -> contextlib.AbstractContextManager[None]:
-        """Full parameters on every rank inside the block (read-only; all ranks enter)."""
+        """Full parameters on every rank, in their own dtype (the fp32 masters), inside the
+        block (read-only; all ranks enter)."""
         return self.zero_engine(model).gathered_parameters()
+
+    def zero_grad(self) -> None:
+        """Clear the gradients of every prepared model (the same as ``model.zero_grad()`` or
+        the prepared ``optimizer.zero_grad()`` at a sync step)."""
+        for engine in self._zero_engines.values():
+            engine.zero_grad()
+        for zero in self._zero_optimizers:
+            zero.zero_grad()
+
+    # -------------------------------------------------------------- gradients
+    def _engine_of_param(self, param: torch.Tensor) -> Engine:
+        for engine in self._zero_engines.values():
+            if engine.lookup(param) is not None:
+                return engine
+        raise ValueError(
+            f"accel_zero rank {self.process_index}: the tensor of shape {tuple(param.shape)} is "
+            "not a parameter of a model prepared by this Accelerator"
+        )
+
+    def get_local_grad(self, param: torch.Tensor) -> torch.Tensor | None:
+        """This rank's rows of ``param``'s averaged gradient (what this rank's optimizer
+        steps on), without communication. Valid between the end of ``backward`` and the next
+        ``zero_grad``; None if the parameter got no gradient. DeepSpeed's
+        ``safe_get_local_grad``."""
+        return self._engine_of_param(param).local_grad(param)
+
+    def get_full_grad(self, param: torch.Tensor) -> torch.Tensor | None:
+        """``param``'s whole averaged gradient. ZeRO-2/3 gather it (one all-gather): every rank
+        must call this for the same parameters in the same order. ZeRO-1 returns
+        ``param.grad`` (already whole). Valid between the end of ``backward`` and the next
+        ``zero_grad``. DeepSpeed's ``safe_get_full_grad``."""
+        return self._engine_of_param(param).full_grad(param)
+
+    def get_grad_norms(
+        self, model: nn.Module, parameters: Iterable[torch.Tensor] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """L2 norm of each parameter's averaged gradient by name (all of ``model``'s, or
+        ``parameters``), with one all-reduce: every rank must call it. For gradient-norm
+        logging between ``backward`` and ``zero_grad``."""
+        return self.zero_engine(model).grad_norms(parameters)
 
     # ----------------------------------------------------------------- export
     def get_state_dict(self, model: nn.Module, unwrap: bool = True) -> dict[str, torch.Tensor]:
-        """The full state dict on the main process (empty elsewhere), gathered unit by unit."""
+        """The full state dict on the main process (empty elsewhere), gathered unit by unit,
+        in the parameters' own dtype (fp32 masters under mixed precision)."""
         engine = self._zero_engines.get(id(model))
         if engine is None:
             return super().get_state_dict(model, unwrap=unwrap)
@@ -272,8 +314,11 @@ class Accelerator(accelerate.Accelerator):
         save_directory: str | os.PathLike[str],
         max_shard_size: int | str = "10GB",
         safe_serialization: bool = True,
+        *,
+        dtype: torch.dtype | None = None,
     ) -> None:
-        """Consolidated safetensors that ``from_pretrained`` loads, streamed unit by unit."""
+        """Consolidated safetensors that ``from_pretrained`` loads, streamed unit by unit, in
+        the parameters' own dtype (fp32 under mixed precision) unless ``dtype`` is given."""
         if id(model) not in self._zero_engines:
             return super().save_model(model, save_directory, max_shard_size, safe_serialization)
         from accel_zero.checkpoint import save_model
@@ -284,6 +329,7 @@ class Accelerator(accelerate.Accelerator):
             save_directory,
             max_shard_size=max_shard_size,
             safe_serialization=safe_serialization,
+            dtype=dtype,
         )
 
     def save_state(self, output_dir: str | None = None, **kwargs: Any) -> str:
@@ -300,13 +346,15 @@ class Accelerator(accelerate.Accelerator):
         )
 
     def end_training(self) -> None:
+        for engine in self._zero_engines.values():
+            engine.hooks.invalidate()  # no prefetch may still be in flight at teardown
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             let_gloo_workers_finish()
         super().end_training()
 
     def free_memory(self, *objects: Any) -> Any:
         for engine in self._zero_engines.values():
-            engine.hooks.remove()
+            engine.remove()
         self._zero_engines.clear()
         self._zero_optimizers.clear()
         return super().free_memory(*objects)

@@ -266,6 +266,7 @@ def save_model(
     *,
     max_shard_size: int | str = "10GB",
     safe_serialization: bool = True,
+    dtype: torch.dtype | None = None,
 ) -> Path:
     """Consolidated checkpoint of a ZeRO-sharded ``model`` that ``from_pretrained`` loads.
 
@@ -282,7 +283,7 @@ def save_model(
         return comm.all_gather_object(value, what="save_model status")[0]  # type: ignore[no-any-return]
 
     return write_consolidated(
-        engine.iter_full_state_dict(),
+        engine.iter_full_state_dict(dtype=dtype),
         model,
         save_directory,
         is_main=bool(accelerator.is_main_process),

@@ -151,6 +151,31 @@ class Coordinator:
         self.stats.prefetches_issued += len(plan)
         return plan
 
+    def plan_pass_start(self, grad: bool, live_numel: int) -> list[int] | None:
+        """Units to gather before a pass of this kind starts (None: no trace yet).
+
+        The first units of the recorded trace within ``prefetch_bucket_size`` and
+        ``max_live_parameters``, as ``prefetch_plan`` would pick them at the pass's start.
+        """
+        trace = self.traces.get(grad)
+        if trace is None or self.prefetch_bucket_size <= 0:
+            return None
+        plan: list[int] = []
+        bucket = 0
+        for _, unit in trace:
+            if unit in plan:
+                continue
+            numel = self.unit_numels[unit]
+            if bucket and bucket + numel > self.prefetch_bucket_size:
+                break
+            if live_numel + numel > self.max_live_parameters:
+                break
+            plan.append(unit)
+            bucket += numel
+            live_numel += numel
+        self.stats.prefetches_issued += len(plan)
+        return plan
+
     def keep_gathered(self, unit: int, live_numel: int) -> bool:
         """May ``unit`` stay gathered after its current use (reused soon enough)?"""
         distance = 0

@@ -9,19 +9,24 @@ Set-up (``Engine.__init__``):
    parameter used by two units is moved to the root;
 2. in ZeRO-3, parameters under ``param_persistence_threshold`` elements go to
    one persistent unit that stays whole on every rank;
-3. cut each parameter's rows into its unit's flat shard: from the full tensor,
-   or from a lazily built model's local rows (DTensor ``Shard(0)``, no
-   communication), keeping an fp32 master copy when compute is bf16/fp16;
+3. cut each parameter's rows into its unit's fp32 master shard: from the full
+   tensor, or from a lazily built model's local rows (DTensor ``Shard(0)``, no
+   communication), freeing the source rows as they are copied (no tensor of a
+   lazily loaded model exists twice on a rank);
 4. release (ZeRO-3) or keep whole (ZeRO-1/2) and install the hooks.
+
+The user's view of the model is kept exactly as without accel_zero (DESIGN
+D5): parameters in their own dtype (fp32 under mixed precision), ``zero_grad``
+in any form clears gradients, ZeRO-1 keeps DDP's ``param.grad``; ZeRO-2/3
+gradients are read through ``local_grad`` / ``full_grad`` / ``grad_norms``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,15 +37,14 @@ from accel_zero.comm import Comm
 from accel_zero.config import ZeroConfig
 from accel_zero.coordinator import Coordinator
 from accel_zero.grads import ReduceBuckets, UnitGrads
-from accel_zero.hooks import HookDriver
-from accel_zero.partition import BufferPool, ParamSlot, Unit, UnitState, copy_out_rows
+from accel_zero.hooks import HookContext, HookDriver
+from accel_zero.partition import BufferPool, ParamSlot, Unit, UnitState, copy_out_rows, full_rows
+from accel_zero.shards import RowShard, ShardReader
 from accel_zero.tracer import MemoryTracer
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["Engine", "EngineContext"]
-
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -54,7 +58,8 @@ class EngineContext:
     device: torch.device
     """Where shards and gathered parameters live (the accelerator's device)."""
     param_dtype: torch.dtype | None
-    """Compute dtype of floating parameters (bf16/fp16 mixed precision); None keeps theirs."""
+    """Dtype ZeRO-3 gathers and computes floating parameters in (bf16/fp16 mixed
+    precision); None keeps theirs."""
     reduce_dtype: torch.dtype
     """Dtype gradients are reduced in."""
 
@@ -73,6 +78,13 @@ def _is_dtensor(t: torch.Tensor) -> bool:
     except ImportError:  # pragma: no cover - old torch
         return False
     return isinstance(t, DTensor)
+
+
+def _free_storage(t: torch.Tensor) -> None:
+    """Give a dead tensor's memory back now (its owner may outlive it: the user's optimizer
+    still lists the pre-prepare parameters until it is re-pointed)."""
+    with contextlib.suppress(RuntimeError):  # not resizable (e.g. a memory-mapped file)
+        t.untyped_storage().resize_(0)
 
 
 def _unit_class_names(model: nn.Module, config: ZeroConfig) -> set[str]:
@@ -104,23 +116,16 @@ class Engine:
         self.ctx = ctx
         self.comm = ctx.comm
         self.stage = config.stage
-        self.no_sync = False
-        """Set by the accelerator's ``no_sync``: skip gradient communication (ZeRO-1)."""
-        self.ran_units: set[int] = set()
-        """Units whose forward ran with gradients since the last end of backward."""
+        self._original_params: dict[int, nn.Parameter] = {}
         self.replaced: dict[int, nn.Parameter] = {}
         """id(original parameter) -> parameter now registered (lazily built models)."""
-        self._original_params: dict[int, nn.Parameter] = {}
         self.pool = BufferPool()
         """Internal flat buffers reused across gathers and reductions."""
         self.units: list[Unit] = []
         self.unit_grads: list[UnitGrads] = []
-        self.module_units: list[tuple[nn.Module, list[Unit]]] = []
-        self.pass_units: list[Unit] = []
-        """Resharded units gathered for a whole pass (the root's parameters)."""
         self.slot_of: dict[int, tuple[int, int]] = {}
         """id(parameter) -> (unit index, slot index), for original and current objects."""
-        self._build()
+        module_units, pass_units = self._build()
         self.coordinator = Coordinator(
             [u.full_numel for u in self.units],
             prefetch_bucket_size=config.prefetch_bucket_size,
@@ -133,7 +138,20 @@ class Engine:
             async_op=config.overlap_comm,
             pool=self.pool,
         )
-        self.hooks = HookDriver(self)
+        self.hooks = HookDriver(
+            HookContext(
+                model=model,
+                units=self.units,
+                unit_grads=self.unit_grads,
+                module_units=module_units,
+                pass_units=pass_units,
+                coordinator=self.coordinator,
+                buckets=self.buckets,
+                comm=self.comm,
+                stage=self.stage,
+                tracer=ctx.tracer,
+            )
+        )
         self.hooks.install()
         guard = self._guard_state_dict
 
@@ -141,6 +159,17 @@ class Engine:
             guard(module, state_dict, prefix, meta)  # (torch tags the hook: a plain function)
 
         self.hooks.handles.append(model.register_state_dict_post_hook(state_dict_guard))
+        self._install_zero_grad()
+        ctx.tracer.mark("prepared")
+
+    @property
+    def no_sync(self) -> bool:
+        """ZeRO-1 skips gradient communication (the accelerator's ``no_sync``)."""
+        return self.hooks.no_sync
+
+    @no_sync.setter
+    def no_sync(self, value: bool) -> None:
+        self.hooks.no_sync = value
 
     # ------------------------------------------------------------------ set-up
     def _owners(self) -> list[_Owner]:
@@ -182,55 +211,58 @@ class Engine:
             owners[owner_id].params.append((fqn, p))
         return [o for o in owners.values() if o.params]
 
-    def _build(self) -> None:
-        ctx = self.ctx
+    def _build(self) -> tuple[list[tuple[nn.Module, list[Unit]]], list[Unit]]:
         world = self.comm.world_size
-        all_params = list(self.model.parameters())
-        if not all_params:
+        if not list(self.model.parameters()):
             raise ValueError(
                 f"{type(self.model).__name__} has no parameters: there is nothing to shard "
                 "(pass the model after its layers are built)"
             )
         resharded = self.stage == 3
-        persistent: list[tuple[nn.Module, str, nn.Parameter]] = []
+        persistent: list[tuple[str, nn.Parameter]] = []
         groups: list[tuple[nn.Module, str, list[tuple[str, nn.Parameter]], bool]] = []
         for owner in self._owners():
             big: list[tuple[str, nn.Parameter]] = []
             for fqn, p in owner.params:
                 if resharded and p.numel() < self.config.param_persistence_threshold:
-                    persistent.append((owner.module, fqn, p))
+                    persistent.append((fqn, p))
                 else:
                     big.append((fqn, p))
             if big:
                 groups.append((owner.module, owner.name, big, resharded))
         if persistent:
-            groups.append(
-                (self.model, "<persistent>", [(fqn, p) for _, fqn, p in persistent], False)
-            )
+            groups.append((self.model, "<persistent>", persistent, False))
 
         module_units: dict[int, tuple[nn.Module, list[Unit]]] = {}
+        new_for: dict[int, nn.Parameter] = {}
         for module, name, params, is_resharded in groups:
-            by_dtype: dict[torch.dtype, list[tuple[str, nn.Parameter]]] = {}
+            by_dtype: dict[tuple[torch.dtype, torch.dtype], list[tuple[str, nn.Parameter]]] = {}
             for fqn, p in params:
-                by_dtype.setdefault(self._compute_dtype(p), []).append((fqn, p))
-            for dtype, members in by_dtype.items():
+                key = (self._compute_dtype(p, is_resharded), p.dtype)
+                by_dtype.setdefault(key, []).append((fqn, p))
+            for (dtype, _), members in by_dtype.items():
                 unit = self._make_unit(module, name, dtype, members, is_resharded, world)
+                # Finish each unit before building the next, so a model built eagerly is
+                # freed unit by unit as its masters fill (peak: model + one unit).
+                self._finalize_unit(unit, new_for)
                 if name != "<persistent>":
                     module_units.setdefault(id(module), (module, []))[1].append(unit)
-        self.module_units = list(module_units.values())
-        self.pass_units = [u for u in self.units if u.module is self.model and u.resharded]
-        self._replace_parameters()
-        for unit in self.units:
-            if unit.resharded:
-                unit.state = UnitState.GATHERED  # set up as gathered, then released
-                unit.release()
+        if new_for:
+            for module in self.model.modules():
+                for pname, old in list(module._parameters.items()):
+                    if old is not None and id(old) in new_for:
+                        setattr(module, pname, new_for[id(old)])
+        pass_units = [u for u in self.units if u.module is self.model and u.resharded]
         for p in self.model.parameters():
             if p.device.type == "meta":
                 raise ValueError(f"a parameter is still on the meta device after set-up: {p.shape}")
-        ctx.tracer.reset_peaks()
+        self.ctx.tracer.reset_peaks()
+        return list(module_units.values()), pass_units
 
-    def _compute_dtype(self, p: torch.Tensor) -> torch.dtype:
-        if self.ctx.param_dtype is not None and p.dtype == torch.float32:
+    def _compute_dtype(self, p: torch.Tensor, resharded: bool) -> torch.dtype:
+        # Replicated parameters keep their dtype and compute under Accelerate's autocast,
+        # exactly as without accel_zero. See [Note: masters and precision] in partition.py.
+        if resharded and self.ctx.param_dtype is not None and p.dtype == torch.float32:
             return self.ctx.param_dtype
         return p.dtype
 
@@ -274,27 +306,29 @@ class Engine:
             resharded=resharded,
             tracer=self.ctx.tracer,
             pool=self.pool,
+            flat_master=resharded or any(s.orig_dtype != torch.float32 for s in slots),
         )
-        # Master copy: fp32 rows of the original values, before any cast to the compute dtype.
-        unit.master = torch.zeros(unit.numel, dtype=torch.float32, device=self.ctx.device)
         for i, slot in enumerate(slots):
-            self._load_slot(unit, slot, unit.master)
             self.slot_of[id(slot.param)] = (index, i)
-        if unit.shard.dtype == torch.float32:
-            self.ctx.tracer.sub_tensor("params", unit.shard)
-            unit.shard = unit.master  # fp32 training: the master is the shard, no copy
-            self.ctx.tracer.add_tensor("params", unit.shard)
-        else:
-            unit.shard.copy_(unit.master)
-            self.ctx.tracer.add_tensor("optimizer_state", unit.master)
+        if unit.master is not None:
+            for slot in slots:
+                self._load_slot(unit, slot, unit.master)
+            # A resharded unit's master *is* its parameter shard; a replicated unit keeps it
+            # beside whole parameters, as optimizer state (see [Note: masters and precision]).
+            self.ctx.tracer.add_tensor("params" if resharded else "optimizer_state", unit.master)
         self.units.append(unit)
-        self.unit_grads.append(UnitGrads(unit, self.ctx.reduce_dtype, self.ctx.tracer))
+        # Whole gradients (DDP's) where the parameters are whole and it costs nothing to keep
+        # them: ZeRO-1, and ZeRO-3's small persistent parameters. See grads.py.
+        whole = self.stage == 1 or (self.stage == 3 and not resharded)
+        self.unit_grads.append(
+            UnitGrads(unit, self.ctx.reduce_dtype, self.ctx.tracer, all_reduce=whole)
+        )
         return unit
 
-    def _load_slot(self, unit: Unit, slot: ParamSlot, flat: torch.Tensor) -> None:
+    def _source_rows(self, slot: ParamSlot) -> torch.Tensor:
+        """This rank's real rows of the parameter as built (plain or lazily built DTensor)."""
         p = slot.param
         rank = self.comm.rank
-        dst = flat[slot.offset : slot.offset + slot.shard_numel].view(slot.chunk, slot.row_numel)
         n = slot.local_rows(rank)
         if _is_dtensor(p):
             dt: Any = p  # a DTensor (lazily built model): its local rows and placements
@@ -303,104 +337,90 @@ class Engine:
             placements = getattr(p, "placements", ())
             if any(type(pl).__name__ != "Shard" for pl in placements) or len(placements) != 1:
                 local = dt.full_tensor()
-                local = local.reshape(slot.rows, slot.row_numel)[rank * slot.chunk :][:n]
+                local = local.reshape(slot.rows, slot.row_numel)[slot.row_start(rank) :][:n]
                 got = n
             if got != n:
                 raise ValueError(
                     f"rank {rank}: parameter {slot.fqn} holds {got} local rows, expected {n} "
                     f"(dim-0 Shard over {self.comm.world_size} ranks, chunk {slot.chunk})"
                 )
-            src = local
-        else:
-            if p.device.type == "meta":
-                raise ValueError(
-                    f"parameter {slot.fqn} is on the meta device: load its weights before "
-                    "prepare (build the model under accel_zero.lazy_init, or call "
-                    "to_empty() and initialise it)"
-                )
-            src = p.detach().reshape(slot.rows, slot.row_numel)[rank * slot.chunk :][:n]
-        if n:
-            with torch.no_grad():
-                dst[:n].copy_(src.reshape(n, slot.row_numel))
-
-    def _replace_parameters(self) -> None:
-        """Give DTensor parameters a plain replacement, everywhere they are registered.
-
-        See [Note: parameter identity] in partition.py.
-        """
-        new_for: dict[int, nn.Parameter] = {}
-        for unit in self.units:
-            for i, slot in enumerate(unit.slots):
-                old = slot.param
-                self._original_params[id(old)] = old
-                if (
-                    _is_dtensor(old)
-                    or old.dtype != slot.dtype
-                    or not _same_device(old.device, unit.device)
-                ):
-                    new = nn.Parameter(unit.placeholder(slot), requires_grad=old.requires_grad)
-                    new_for[id(old)] = new
-                    self.replaced[id(old)] = new
-                    slot.param = new
-                    self.slot_of[id(new)] = (unit.index, i)
-                if not unit.resharded:
-                    full = torch.empty(slot.shape, dtype=slot.dtype, device=unit.device)
-                    slot.param.data = full
-        if new_for:
-            for module in self.model.modules():
-                for pname, p in list(module._parameters.items()):
-                    if p is not None and id(p) in new_for:
-                        setattr(module, pname, new_for[id(p)])
-        # Non-resharded units: full parameters from the shards (one all-gather each).
-        for unit in self.units:
-            if not unit.resharded:
-                unit.state = UnitState.GATHERED
-                unit.refresh_full()
-                # Whole on every rank for good: model state, not a transient gather.
-                self.ctx.tracer.add("params", unit.device, unit.full_numel * _elt(unit))
-
-    # ------------------------------------------------------------ hook helpers
-    def check_ready(self) -> None:
-        if not self.hooks.handles:
-            raise RuntimeError("accel_zero engine was removed from this model")
-
-    def skip_reduction(self) -> bool:
-        return self.no_sync and self.stage == 1
-
-    def unit_ran(self, index: int) -> bool:
-        unit = self.units[index]
-        return unit.module is None or unit.module is self.model or index in self.ran_units
-
-    def live_units(self) -> set[int]:
-        return {u.index for u in self.units if u.resharded and u.state is UnitState.GATHERED}
-
-    def in_flight_units(self) -> set[int]:
-        return {u.index for u in self.units if u.state is UnitState.GATHERING}
-
-    def live_numel(self) -> int:
-        return sum(
-            u.full_numel for u in self.units if u.resharded and u.state is not UnitState.SHARDED
-        )
-
-    def check_order(self, events: Sequence[tuple[object, int]]) -> None:
-        """All ranks ran the same units in the same order this pass (ZeRO-3), or a clear error."""
-        if self.stage != 3 or not self.comm.distributed:
-            return
-        digest = hashlib.blake2b(repr(events).encode(), digest_size=8).digest()
-        value = int.from_bytes(digest, "little", signed=True)
-        seen = self.comm.check_same(value, what="execution-order check")
-        if len(set(seen)) > 1:
-            groups: dict[int, list[int]] = {}
-            for rank, v in enumerate(seen):
-                groups.setdefault(v, []).append(rank)
-            mine = groups[value]
-            raise RuntimeError(
-                f"accel_zero rank {self.comm.rank}: ranks ran different modules in this pass "
-                f"(ranks {sorted(groups.values())} each agree among themselves; this rank is with "
-                f"{mine}). ZeRO-3 gathers parameters collectively, so every rank must run the "
-                "same modules in the same order: make data-dependent branches agree across ranks."
+            return local.reshape(n, slot.row_numel)
+        if p.device.type == "meta":
+            raise ValueError(
+                f"parameter {slot.fqn} is on the meta device: load its weights before "
+                "prepare (build the model under accel_zero.lazy_init, or call "
+                "to_empty() and initialise it)"
             )
+        return full_rows(p.detach(), slot, rank).reshape(n, slot.row_numel)
 
+    def _load_slot(self, unit: Unit, slot: ParamSlot, flat: torch.Tensor) -> None:
+        src = self._source_rows(slot)
+        n = src.shape[0]
+        with torch.no_grad():
+            unit.flat_view(slot, flat).reshape(n, slot.row_numel).copy_(src)
+        if _is_dtensor(slot.param):
+            _free_storage(src)  # the lazily loaded rows now live in the master only
+
+    def _finalize_unit(self, unit: Unit, new_for: dict[int, nn.Parameter]) -> None:
+        """Replace the unit's DTensor (or misplaced) parameters by plain ones, then release it
+        (ZeRO-3) or make its parameters whole (replicated). ``new_for`` collects replacements
+        for the final sweep over the modules. See [Note: parameter identity] in partition.py.
+        """
+        rows = None
+        if not unit.resharded and unit.master is None:
+            # Masters are the parameters themselves: take this rank's rows before replacing.
+            rows = torch.empty(unit.numel, dtype=unit.dtype, device=unit.device)
+            for slot in unit.slots:
+                self._load_slot(unit, slot, rows)
+        for i, slot in enumerate(unit.slots):
+            old = slot.param
+            self._original_params[id(old)] = old
+            if _is_dtensor(old) or not _same_device(old.device, unit.device):
+                new = nn.Parameter(unit.placeholder(slot), requires_grad=old.requires_grad)
+                new_for[id(old)] = new
+                self.replaced[id(old)] = new
+                slot.param = new
+                self.slot_of[id(new)] = (unit.index, i)
+        if unit.resharded:
+            unit.state = UnitState.GATHERED  # set up as gathered, then released
+            unit.release()
+            return
+        send = unit.master if rows is None else rows
+        assert send is not None
+        world = self.comm.world_size
+        out = torch.empty(world * unit.numel, dtype=send.dtype, device=unit.device)
+        self.comm.all_gather(out, send, what=f"all_gather of unit {unit.name} at set-up")
+        del rows
+        gathered = out.view(world, unit.numel)
+        for slot in unit.slots:
+            full = torch.empty(slot.shape, dtype=slot.orig_dtype, device=unit.device)
+            copy_out_rows(gathered, slot, world, full)
+            slot.param.data = full
+            # Whole on every rank for good: model state, not a transient gather.
+            self.ctx.tracer.add_tensor("params", full)
+        unit.state = UnitState.GATHERED
+
+    def _install_zero_grad(self) -> None:
+        """``model.zero_grad()`` must clear the engine's gradients too (the HF Trainer and
+        Accelerate's examples call it, not ``optimizer.zero_grad()``). nn.Module offers no
+        hook for it, so this instance (only) gets a ``zero_grad`` that does both, the way
+        Accelerate itself wraps ``model.forward`` per instance; ``remove`` takes it away."""
+        engine = self
+        model = self.model
+
+        def zero_grad(set_to_none: bool = True) -> None:
+            engine.zero_grad()
+            nn.Module.zero_grad(model, set_to_none)
+
+        model.__dict__["zero_grad"] = zero_grad
+
+    def remove(self) -> None:
+        """Detach the engine from the model (hooks and the ``zero_grad`` override)."""
+        self.hooks.invalidate()
+        self.hooks.remove()
+        self.model.__dict__.pop("zero_grad", None)
+
+    # ------------------------------------------------------------ state guard
     def _sharded_now(self) -> list[str]:
         return [
             slot.fqn
@@ -423,14 +443,12 @@ class Engine:
 
     @contextlib.contextmanager
     def gathered_parameters(self) -> Iterator[None]:
-        """Every parameter full on every rank inside the block (all ranks must enter).
-
-        Read-only: changes made inside are not written back to the shards.
-        """
+        """Every parameter full on every rank, in its own dtype (fp32 masters), inside the
+        block. All ranks must enter. Read-only: changes are not written back to the shards."""
         if self.coordinator.in_pass:
             raise RuntimeError("gathered_parameters() cannot be used inside forward/backward")
         for unit in self.units:
-            unit.finish_gather()
+            unit.gather_full_precision()
         try:
             yield
         finally:
@@ -441,9 +459,8 @@ class Engine:
         """Drop the pre-prepare parameter objects (lazily built models).
 
         Their ids map to slots only until the optimizer built on them has been
-        re-pointed; holding them longer would keep the loaded checkpoint rows
-        (often views of the memory-mapped file) alive. Once dropped, an id could
-        be reused by another tensor, so it leaves ``slot_of`` too.
+        re-pointed; holding them longer would keep them alive. Once dropped, an
+        id could be reused by another tensor, so it leaves ``slot_of`` too.
         """
         for key, old in self._original_params.items():
             new = self.replaced.get(key)
@@ -452,7 +469,7 @@ class Engine:
         self._original_params.clear()
         self.replaced.clear()
 
-    # ------------------------------------------------------------------ public
+    # ------------------------------------------------------------- gradients
     def lookup(self, p: torch.Tensor) -> tuple[Unit, int] | None:
         """(unit, slot index) of a parameter, original (pre-replacement) or current."""
         hit = self.slot_of.get(id(p))
@@ -461,24 +478,117 @@ class Engine:
         return self.units[hit[0]], hit[1]
 
     def zero_grad(self) -> None:
+        """Forget every gradient: shard accumulators and whole ``param.grad``."""
         for grads in self.unit_grads:
             grads.zero()
         for unit in self.units:
             for slot in unit.slots:
                 slot.param.grad = None
+        self.hooks.backward_done = False
 
+    def _check_grad_window(self, what: str) -> None:
+        if self.hooks.in_backward:
+            raise RuntimeError(
+                f"accel_zero rank {self.comm.rank}: {what} was called during backward; "
+                "gradients are complete only after accelerator.backward() returns"
+            )
+        if not self.hooks.backward_done:
+            raise RuntimeError(
+                f"accel_zero rank {self.comm.rank}: {what} found no gradients: it is valid "
+                "between the end of accelerator.backward() and the next zero_grad() "
+                "(optimizer.zero_grad(), model.zero_grad() or accelerator.zero_grad())"
+            )
+
+    def _slot_of_param(self, param: torch.Tensor, what: str) -> tuple[Unit, int]:
+        hit = self.lookup(param)
+        if hit is None:
+            raise ValueError(
+                f"accel_zero rank {self.comm.rank}: {what}: the tensor of shape "
+                f"{tuple(param.shape)} is not a parameter of the prepared model"
+            )
+        return hit
+
+    def local_grad(self, param: torch.Tensor) -> torch.Tensor | None:
+        """This rank's rows of ``param``'s averaged gradient (fp32 or the parameter's dtype
+        in ZeRO-1), as a view; None if it got no gradient. Local, no communication."""
+        self._check_grad_window("local_grad")
+        unit, i = self._slot_of_param(param, "local_grad")
+        return self.unit_grads[unit.index].slot_grad(i)
+
+    def full_grad(self, param: torch.Tensor) -> torch.Tensor | None:
+        """``param``'s whole averaged gradient on every rank (ZeRO-2/3: one all-gather;
+        every rank must call it for the same parameter). None if it got no gradient."""
+        self._check_grad_window("full_grad")
+        unit, i = self._slot_of_param(param, "full_grad")
+        grads = self.unit_grads[unit.index]
+        slot = unit.slots[i]
+        if grads.all_reduce:
+            return slot.param.grad
+        if grads.acc is None or not grads.had_grad[i]:
+            return None
+        world = self.comm.world_size
+        send = grads.acc[slot.offset : slot.offset + slot.shard_numel]
+        out = torch.empty(world * slot.shard_numel, dtype=send.dtype, device=send.device)
+        self.comm.all_gather(out, send, what=f"all_gather of the gradient of {slot.fqn}")
+        full = torch.empty(slot.shape, dtype=send.dtype, device=send.device)
+        # The gathered buffer holds only this slot: view it as a one-slot unit at offset 0.
+        one = ParamSlot(
+            fqn=slot.fqn,
+            param=slot.param,
+            shape=slot.shape,
+            dtype=slot.dtype,
+            orig_dtype=slot.orig_dtype,
+            chunk=slot.chunk,
+            row_numel=slot.row_numel,
+            offset=0,
+            requires_grad=slot.requires_grad,
+        )
+        copy_out_rows(out.view(world, slot.shard_numel), one, world, full)
+        return full
+
+    def grad_norms(self, params: Iterable[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """L2 norm of each parameter's averaged gradient, keyed by name (one all-reduce;
+        every rank must call it). Parameters without a gradient are left out."""
+        self._check_grad_window("grad_norms")
+        slots: list[tuple[Unit, int]] = []
+        if params is None:
+            slots = [(u, i) for u in self.units for i in range(len(u.slots))]
+        else:
+            seen: set[tuple[int, int]] = set()
+            for p in params:
+                unit, i = self._slot_of_param(p, "grad_norms")
+                if (unit.index, i) not in seen:
+                    seen.add((unit.index, i))
+                    slots.append((unit, i))
+        names, squares = [], []
+        for unit, i in slots:
+            g = self.unit_grads[unit.index].slot_grad(i)
+            if g is None:
+                continue
+            names.append(unit.slots[i].fqn)
+            squares.append(g.float().pow(2).sum())
+        if not squares:
+            return {}
+        total = torch.stack(squares).to(self.comm.device)
+        self.comm.all_reduce(total, what="per-parameter gradient norms")
+        return dict(zip(names, total.sqrt().cpu().unbind(), strict=True))
+
+    # ------------------------------------------------------------ optimizer
     def after_optimizer_step(self, units: set[int]) -> None:
-        """Copy updated masters into the shards and refresh full parameters where kept."""
+        """The masters changed: drop stale gathers, refresh replicated parameters, and start
+        gathering what the next training pass needs first."""
+        self.hooks.invalidate()
         pending = []
         for index in sorted(units):
             unit = self.units[index]
-            if unit.shard is not unit.master:
-                unit.shard.copy_(unit.master)
             if not unit.resharded:
-                pending.append((unit, unit.refresh_full(async_op=True)))
-        for unit, _ in pending:
+                unit.refresh_full(async_op=True)
+                pending.append(unit)
+        for unit in pending:
             unit.finish_refresh()
+        self.hooks.prefetch_next_pass(grad=True)
 
+    # ----------------------------------------------------------- reporting
     def memory_report(self) -> dict[str, object]:
         return self.ctx.tracer.report()
 
@@ -493,45 +603,50 @@ class Engine:
             "trace_invalidations": c.trace_invalidations,
             "traces_recorded": c.traces_recorded,
             "bytes_gathered": comm.bytes.get("all_gather", 0) * self.comm.world_size,
-            "bytes_reduced": comm.bytes.get("reduce_scatter", 0),
+            "bytes_reduced": comm.bytes.get("reduce_scatter", 0) + comm.bytes.get("all_reduce", 0),
             "collective_calls": dict(comm.calls),
             "comm_wait_seconds": comm.wait_seconds,
         }
 
+    # -------------------------------------------------------------- export
     def iter_full_state_dict(
         self, *, dtype: torch.dtype | None = None, rank0_only: bool = True
     ) -> Iterator[dict[str, torch.Tensor]]:
         """Full tensors unit by unit, keyed like ``model.state_dict()`` (every rank must iterate).
 
-        Parameters come from the fp32 master rows (or the shard when there is no
-        master), so a bf16-trained model exports its fp32 weights unless ``dtype``
-        says otherwise. The last chunk holds the buffers.
+        Parameters come in their own dtype (fp32 masters for fp32 parameters) unless
+        ``dtype`` says otherwise. The last chunk holds the buffers.
         """
         world = self.comm.world_size
         main = self.comm.rank == 0
         names = _param_names(self.model)
         for unit in self.units:
-            src = unit.master
-            out = torch.empty(world * unit.numel, dtype=src.dtype, device=src.device)
-            self.comm.all_gather(out, src, what=f"all_gather of unit {unit.name} for export")
             chunk: dict[str, torch.Tensor] = {}
-            if main or not rank0_only:
-                gathered = out.view(world, unit.numel)
+            if unit.resharded:
+                assert unit.master is not None
+                out = torch.empty(world * unit.numel, dtype=torch.float32, device=unit.device)
+                self.comm.all_gather(
+                    out, unit.master, what=f"all_gather of unit {unit.name} for export"
+                )
+                if main or not rank0_only:
+                    gathered = out.view(world, unit.numel)
+                    for slot in unit.slots:
+                        full = torch.empty(slot.shape, dtype=torch.float32, device=unit.device)
+                        copy_out_rows(gathered, slot, world, full)
+                        full = full.to(device="cpu", dtype=dtype or slot.orig_dtype)
+                        for name in names.get(id(slot.param), [slot.fqn]):
+                            chunk[name] = full
+                del out
+            elif main or not rank0_only:
                 for slot in unit.slots:
-                    full = torch.empty(slot.shape, dtype=src.dtype, device=src.device)
-                    copy_out_rows(gathered, slot, world, full)
-                    full = full.to(device="cpu", dtype=dtype or slot.orig_dtype)
+                    full = slot.param.detach().to(device="cpu", dtype=dtype or slot.orig_dtype)
                     for name in names.get(id(slot.param), [slot.fqn]):
                         chunk[name] = full
-            del out
             yield chunk
         buffers: dict[str, torch.Tensor] = {}
         if main or not rank0_only:
-            for mname, module in self.model.named_modules():
-                for bname, buf in module._buffers.items():
-                    if buf is not None and bname not in module._non_persistent_buffers_set:
-                        key = f"{mname}.{bname}" if mname else bname
-                        buffers[key] = buf.detach().to("cpu")
+            for key, buf in _persistent_buffers(self.model):
+                buffers[key] = buf.detach().to("cpu")
         yield buffers
 
     def full_state_dict(self, *, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
@@ -540,9 +655,84 @@ class Engine:
             out.update(chunk)
         return out
 
+    # ---------------------------------------------------------- checkpoints
+    def state_shards(self) -> Iterator[RowShard]:
+        """This rank's fp32 master rows of every parameter (``model/<fqn>``) and the
+        persistent buffers (replicated). See accel_zero/shards.py."""
+        rank = self.comm.rank
+        for unit in self.units:
+            for slot in unit.slots:
+                rows = unit.slot_master(slot)
+                if rows.dtype != torch.float32:  # replicated non-fp32 parameters are masters
+                    rows = rows.float()
+                key = f"model/{slot.fqn}"
+                if not slot.shape:
+                    if rows.numel():
+                        yield RowShard(key=key, global_shape=(), row_start=0, tensor=rows.view(()))
+                    elif not unit.resharded:
+                        yield RowShard(
+                            key=key,
+                            global_shape=(),
+                            row_start=0,
+                            tensor=slot.param.detach().float(),
+                            replicated=True,
+                        )
+                    continue
+                yield RowShard(
+                    key=key,
+                    global_shape=tuple(slot.shape),
+                    row_start=slot.row_start(rank),
+                    tensor=rows,
+                )
+        for key, buf in _persistent_buffers(self.model):
+            yield RowShard(
+                key=f"model/{key}",
+                global_shape=tuple(buf.shape),
+                row_start=0,
+                tensor=buf.detach(),
+                replicated=True,
+            )
 
-def _elt(unit: Unit) -> int:
-    return torch.empty((), dtype=unit.dtype).element_size()
+    def load_state_shards(self, reader: ShardReader) -> None:
+        """Load masters (this rank's rows, whatever world size wrote them) and buffers, then
+        refresh whole parameters. Raises ValueError naming a missing or mismatched key."""
+        self.hooks.invalidate()
+        rank = self.comm.rank
+        for unit in self.units:
+            for slot in unit.slots:
+                key = f"model/{slot.fqn}"
+                _expect_shape(reader, key, tuple(slot.shape))
+                start, n = slot.row_start(rank), slot.local_rows(rank)
+                with torch.no_grad():
+                    if unit.master is not None:
+                        rows = reader.read_rows(key, start, start + n)
+                        unit.flat_view(slot, unit.master).copy_(rows.reshape(n, *slot.shape[1:]))
+                    if not unit.resharded:
+                        whole = reader.read_rows(key, 0, slot.rows)
+                        slot.param.data.copy_(whole.reshape(slot.shape))
+        for key, buf in _persistent_buffers(self.model):
+            _expect_shape(reader, f"model/{key}", tuple(buf.shape))
+            with torch.no_grad():
+                buf.copy_(reader.read_rows(f"model/{key}", 0, buf.shape[0] if buf.dim() else 1))
+        self.hooks.prefetch_next_pass(grad=True)
+
+
+def _expect_shape(reader: ShardReader, key: str, shape: tuple[int, ...]) -> None:
+    have = reader.shape(key)
+    if have is None:
+        raise ValueError(f"the checkpoint has no {key!r}: it was saved from another model")
+    if tuple(have) != shape:
+        raise ValueError(
+            f"the checkpoint's {key!r} has shape {tuple(have)}, the model's is {shape}: it was "
+            "saved from another model (or config)"
+        )
+
+
+def _persistent_buffers(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    for mname, module in model.named_modules():
+        for bname, buf in module._buffers.items():
+            if buf is not None and bname not in module._non_persistent_buffers_set:
+                yield (f"{mname}.{bname}" if mname else bname), buf
 
 
 def _param_names(model: nn.Module) -> dict[int, list[str]]:

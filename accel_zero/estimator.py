@@ -3,23 +3,27 @@
 The accounting is accel_zero's own layout, so ``accel-zero estimate`` agrees
 byte for byte with ``accelerator.memory_report()`` after a step
 (tests/distributed/test_engine.py checks it for every stage, fp32 and bf16).
-For a model of Ψ parameters on N ranks, with ``S`` = the sum of the per-rank
-shards (each parameter split along dim 0 into ceil(dim0 / N)-row chunks, padding
-counted; 0-d parameters replicated), c = 2 bytes (bf16/fp16) or 4 (fp32):
+For a model of Ψ fp32 parameters on N ranks, with ``S`` = the sum of the
+per-rank shards (each parameter split along dim 0 into ceil(dim0 / N)-row
+chunks, padding counted; the figures are rank 0's, which always holds full
+chunks; 0-d parameters belong to rank 0):
 
-* parameters: a c·S shard on every rank, plus, for parameters kept whole (all of
-  them in stages 1/2; in stage 3 those with fewer than
-  ``param_persistence_threshold`` elements), the whole c-byte parameter;
-* gradients: an fp32 shard, 4·S, in every stage (the reduced, averaged gradient
-  the optimizer steps on; full-size gradients live only until their unit is
-  reduced, so they are working set, not state);
-* optimizer state (Adam): K·S with K = 12 (fp32 master + m + v) in mixed
-  precision and K = 8 in fp32 (the fp32 shard is the master), plus 4 bytes per
+* parameters: stage 3 keeps one fp32 shard, 4·S, which *is* the master the
+  optimizer steps (the compute dtype, bf16/fp16, exists only in gathers: see
+  [Note: masters and precision] in partition.py), plus the whole fp32
+  parameters under ``param_persistence_threshold``; stages 1/2 keep whole fp32
+  parameters, 4·Ψ, whose rows are the masters;
+* gradients: an fp32 shard, 4·S, in stages 2 and 3 (the reduced, averaged
+  gradient the optimizer steps on; full-size gradients live only until their
+  unit is reduced); stage 1 keeps DDP's whole averaged gradients, 4·Ψ, and so
+  does stage 3 for its persistent parameters;
+* optimizer state (Adam): m and v over this rank's rows, 8·S, plus 4 bytes per
   parameter tensor for Adam's step count.
 
-The ZeRO paper (Rajbhandari et al. 2020, section 3.1) counts gradients in the
-compute dtype and stage-1/2 parameters without the shard: 2Ψ fewer bytes of
-gradients in bf16 stage 3 than accel_zero really keeps.
+So stage 3 holds 16 bytes per parameter / N with Adam under any mixed
+precision, as FSDP2 does; DDP holds 16 per parameter. The ZeRO paper
+(Rajbhandari et al. 2020, section 3.1) counts a 2-byte parameter copy and a
+12-byte optimizer state instead, which is the same total in stage 3.
 
 Offload (ZeRO-Offload / ZeRO-Infinity): ``offload_optimizer=cpu`` moves the optimizer
 state to host memory, and in stages 2/3 also the gradient shard (the update runs on
@@ -42,10 +46,10 @@ from typing import Any
 from accel_zero.config import parse_count
 
 _COMPUTE_BYTES = {"no": 4, "fp32": 4, "bf16": 2, "fp16": 2}
-_ADAM_MIXED = 12  # fp32 master + m + v
-_ADAM_FP32 = 8  # m + v; the fp32 shard is the master copy
+_PARAM = 4  # parameters (and their masters) are fp32 whatever the compute dtype
+_ADAM = 8  # m + v; the fp32 parameter rows are the masters
 _ADAM_STEP = 4  # torch.optim.Adam(W)'s per-tensor fp32 step count
-_GRAD_SHARD = 4  # gradient shards are accumulated in fp32
+_GRAD = 4  # gradients are reduced into fp32
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -114,22 +118,22 @@ def estimate(
         raise ValueError(
             f"mixed_precision={mixed_precision!r} (allowed: {', '.join(_COMPUTE_BYTES)})"
         )
-    compute = _COMPUTE_BYTES[mixed_precision]
-    optim = _ADAM_FP32 if compute == 4 else _ADAM_MIXED
     sharded = sum(shard_numel(shape, world_size) for shape in model.shapes)
-    # Parameters kept whole besides their shard: all in stages 1/2, persistent ones in 3.
     full = model.numel
-    persistent = sum(
-        math.prod(shape) for shape in model.shapes if math.prod(shape) < param_persistence_threshold
-    )
+    small = [shape for shape in model.shapes if math.prod(shape) < param_persistence_threshold]
+    persistent = sum(math.prod(shape) for shape in small)
+    # Stage 3: persistent parameters stay whole (their rows are their masters) with whole,
+    # all-reduced gradients, as under DDP; the rest is one fp32 shard with an fp32 gradient
+    # shard.
+    resharded = sharded - sum(shard_numel(shape, world_size) for shape in small)
 
     results = []
     settings = [(s, o, "none") for s in (1, 2, 3) for o in ("none", "cpu", "nvme")]
     settings += [(3, "cpu", "cpu"), (3, "nvme", "cpu")]
     for stage, off_opt, off_param in settings:
-        params = compute * (sharded + (full if stage < 3 else persistent))
-        grads = _GRAD_SHARD * sharded
-        optimizer = optim * sharded + _ADAM_STEP * len(model.shapes)
+        params = _PARAM * (resharded + persistent if stage == 3 else full)
+        grads = _GRAD * {1: full, 2: sharded, 3: resharded + persistent}[stage]
+        optimizer = _ADAM * sharded + _ADAM_STEP * len(model.shapes)
         place = {"device": 0, "cpu": 0, "nvme": 0}
         place["cpu" if off_param == "cpu" else "device"] += params
         grads_on_host = off_opt != "none" and stage >= 2
@@ -152,10 +156,10 @@ def estimate(
 
 
 def ddp_bytes(model: ModelShapes, *, mixed_precision: str = "bf16") -> int:
-    """Model-state bytes per rank under plain data parallelism (everything replicated)."""
-    compute = _COMPUTE_BYTES[mixed_precision]
-    optim = _ADAM_FP32 if compute == 4 else _ADAM_MIXED
-    return (2 * compute + optim) * model.numel
+    """Model-state bytes per rank under plain data parallelism (everything replicated):
+    fp32 parameters and gradients and Adam's two moments, whatever autocast computes in."""
+    del mixed_precision
+    return (_PARAM + _GRAD + _ADAM) * model.numel
 
 
 def shapes_from_params(count: int) -> ModelShapes:

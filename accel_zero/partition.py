@@ -1,4 +1,4 @@
-"""Parameter shards and units (DESIGN D2).
+"""Parameter shards and units (DESIGN D2, D5).
 
 A :class:`ParamSlot` is one parameter's place in its unit: the parameter is cut
 along dim 0 into ``world_size`` row ranges of ``chunk = ceil(rows / world)``
@@ -14,12 +14,27 @@ output viewed as ``(world, S)`` therefore holds rank r's shard in row r, and
 slot i's full padded parameter is ``out[:, off:off + s].view(world, chunk,
 row)``: the copy-out and the gradient copy-in both go through that view.
 
+[Note: masters and precision]
+Parameters are what the user built (fp32, usually) everywhere the user looks:
+between uses, inside ``gathered_parameters``, in exports. The optimizer steps
+fp32 *masters*, which are the parameters' storage wherever possible:
+- a resharded unit (ZeRO-3) keeps one flat fp32 shard, ``master``; a forward
+  gathers it in the compute dtype (bf16/fp16 under mixed precision): the shard
+  is cast into a pooled buffer first, so the all-gather moves half the bytes,
+  and no second low-precision shard is kept (FSDP2's layout, 16 bytes per
+  parameter / N with Adam);
+- a replicated unit (ZeRO-1/2, and the small persistent parameters of ZeRO-3)
+  keeps whole parameters on every rank; its masters are this rank's rows *of
+  those parameters* (views, no copy) when they are fp32, else a flat fp32
+  ``master`` beside them. After a step the rows are all-gathered back.
+The optimizer sees only real rows (``Unit.slot_master``), never the padding.
+
 [Note: parameter identity]
 Parameters keep their identity: the registered ``nn.Parameter`` objects stay
 in the module (ties and the user's optimizer keep working) and only their
 ``.data`` changes: the full tensor while gathered, an empty tensor while
 sharded. A lazily built model (DTensor parameters) gets plain parameters in
-its place, once, at set-up; ``Unit.replaced`` maps old to new.
+its place, once, at set-up.
 """
 
 from __future__ import annotations
@@ -33,15 +48,24 @@ import torch
 from torch import nn
 
 from accel_zero.comm import Comm, PendingWork
-from accel_zero.tracer import MemoryTracer
+from accel_zero.tracer import MemoryTracer, nbytes
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BufferPool", "ParamSlot", "Unit", "UnitState", "copy_in_rows", "copy_out_rows"]
+__all__ = [
+    "BufferPool",
+    "ParamSlot",
+    "Unit",
+    "UnitState",
+    "copy_in_rows",
+    "copy_out_rows",
+    "full_rows",
+    "pack_rows",
+]
 
 
 class BufferPool:
-    """Reuses the engine's internal flat buffers (all-gather outputs, reduce inputs).
+    """Reuses the engine's internal flat buffers (all-gather inputs and outputs, reduce inputs).
 
     Every unit of a transformer has the same size, so the buffer one unit just
     gave back fits the next. On CPU this saves a fresh multi-megabyte allocation
@@ -86,9 +110,9 @@ class ParamSlot:
     shape: torch.Size
     """Full shape; 0-d parameters are treated as one row of one element."""
     dtype: torch.dtype
-    """The parameter's dtype for compute (gathered) and storage (shard)."""
+    """The dtype the parameter is gathered and computed in (its unit's)."""
     orig_dtype: torch.dtype
-    """The dtype it was built or loaded in (what an export writes)."""
+    """The dtype it was built or loaded in: what the user sees and an export writes."""
     chunk: int
     """Rows per rank, padded: ceil(rows / world_size)."""
     row_numel: int
@@ -111,6 +135,9 @@ class ParamSlot:
     def local_rows(self, rank: int) -> int:
         """How many real (unpadded) rows rank ``rank`` owns."""
         return max(0, min(self.chunk, self.rows - rank * self.chunk))
+
+    def row_start(self, rank: int) -> int:
+        return min(rank * self.chunk, self.rows)
 
 
 def copy_out_rows(gathered: torch.Tensor, slot: ParamSlot, world: int, dst: torch.Tensor) -> None:
@@ -156,18 +183,41 @@ def copy_in_rows(
         dst[start:].zero_()
 
 
-def _empty_like_placeholder(slot: ParamSlot, device: torch.device) -> torch.Tensor:
-    return torch.empty(0, dtype=slot.dtype, device=device)
+def pack_rows(src: torch.Tensor, slot: ParamSlot, rank: int, flat: torch.Tensor) -> None:
+    """Copy this rank's rows of a full-shape tensor into its padded place in a flat shard."""
+    n = slot.local_rows(rank)
+    dst = flat[slot.offset : slot.offset + slot.shard_numel].view(slot.chunk, slot.row_numel)
+    start = slot.row_start(rank)
+    if n:
+        dst[:n].copy_(src.reshape(slot.rows, slot.row_numel)[start : start + n])
+    if n < slot.chunk:
+        dst[n:].zero_()
+
+
+def full_rows(full: torch.Tensor, slot: ParamSlot, rank: int) -> torch.Tensor:
+    """This rank's real rows of a full-shape tensor, as a view (0-d: one element on rank 0)."""
+    start, n = slot.row_start(rank), slot.local_rows(rank)
+    rows = full if slot.shape else full.view(1)
+    return rows[start : start + n]
+
+
+@dataclass
+class _InFlight:
+    """An issued all-gather: its output, the cast input it reads (if pooled) and the work."""
+
+    out: torch.Tensor
+    send: torch.Tensor | None
+    work: PendingWork
 
 
 @dataclass(eq=False)
 class Unit:
-    """Parameters communicated together, with their flat shard and gather state.
+    """Parameters communicated together, with their fp32 masters and gather state.
 
     ``resharded`` units (ZeRO-3) hold only their shard between uses and are
     gathered for compute; the others (ZeRO-1/2, and small persistent params in
     ZeRO-3) keep full parameters on every rank and are re-gathered after each
-    optimizer step.
+    optimizer step. See [Note: masters and precision].
     """
 
     index: int
@@ -180,14 +230,18 @@ class Unit:
     resharded: bool
     tracer: MemoryTracer
     pool: BufferPool
-    shard: torch.Tensor = field(init=False)
-    """This rank's rows of every slot, flat, in the parameters' dtype."""
-    master: torch.Tensor = field(init=False)
-    """fp32 rows the optimizer updates; the same tensor as ``shard`` in fp32 training."""
+    flat_master: bool
+    """Keep a flat fp32 master shard (always for resharded units; for replicated units only
+    when their parameters are not fp32)."""
+    master: torch.Tensor | None = field(init=False, default=None)
+    """This rank's padded fp32 rows of every slot, flat; None when the masters are views of
+    the replicated fp32 parameters."""
     state: UnitState = field(init=False, default=UnitState.SHARDED)
-    _gather_out: torch.Tensor | None = field(init=False, default=None)
-    _gather_work: PendingWork | None = field(init=False, default=None)
+    _gather: _InFlight | None = field(init=False, default=None)
     _full: torch.Tensor | None = field(init=False, default=None)
+    _refresh: tuple[torch.Tensor, torch.Tensor, PendingWork] | None = field(
+        init=False, default=None
+    )
 
     def __post_init__(self) -> None:
         dtypes = {s.dtype for s in self.slots}
@@ -195,41 +249,93 @@ class Unit:
         self.dtype = dtypes.pop()
         self.numel = sum(s.shard_numel for s in self.slots)
         self.full_numel = sum(s.numel for s in self.slots)
-        self.shard = torch.zeros(self.numel, dtype=self.dtype, device=self.device)
-        self.tracer.add_tensor("params", self.shard)
-        self.master = self.shard
+        if self.flat_master:
+            self.master = torch.zeros(self.numel, dtype=torch.float32, device=self.device)
         if not self.resharded:
             self.state = UnitState.GATHERED
 
-    def shard_view(self, slot: ParamSlot, flat: torch.Tensor | None = None) -> torch.Tensor:
-        """This rank's padded rows of ``slot`` in ``flat`` (default: the param shard)."""
-        flat = self.shard if flat is None else flat
+    @property
+    def rank(self) -> int:
+        return self.comm.rank
+
+    def slot_master(self, slot: ParamSlot) -> torch.Tensor:
+        """The fp32 rows of ``slot`` this rank's optimizer updates (real rows only, a view)."""
+        if self.master is not None:
+            return self.flat_view(slot, self.master)
+        return full_rows(slot.param.data, slot, self.rank)
+
+    def flat_view(self, slot: ParamSlot, flat: torch.Tensor) -> torch.Tensor:
+        """This rank's real rows of ``slot`` in a flat padded buffer laid out like the shard
+        (a 0-d parameter is one row of one element, owned by rank 0)."""
         view = flat[slot.offset : slot.offset + slot.shard_numel]
-        return view.view(slot.chunk, *slot.shape[1:]) if len(slot.shape) else view
+        rows = view.view(slot.chunk, *slot.shape[1:]) if slot.shape else view
+        return rows[: slot.local_rows(self.rank)]
 
     # ---------------------------------------------------------- gather/release
+    def _send_buffer(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The flat shard to all-gather in ``dtype``: the master itself, or a pooled cast
+        (returned second, to give back once the collective is done)."""
+        if self.master is None:  # replicated fp32 parameters: pack this rank's rows
+            send = self.pool.take(self.numel, dtype, self.device)
+            for slot in self.slots:
+                pack_rows(slot.param.data, slot, self.rank, send)
+            return send, send
+        if self.master.dtype == dtype:
+            return self.master, None
+        send = self.pool.take(self.numel, dtype, self.device)
+        send.copy_(self.master)
+        return send, send
+
     def start_gather(self) -> None:
-        """Issue the all-gather (asynchronously); idempotent while gathering or gathered."""
+        """Issue the all-gather in the compute dtype (asynchronously); idempotent."""
         if self.state is not UnitState.SHARDED:
             return
-        world = self.comm.world_size
-        self._gather_out = self.pool.take(world * self.numel, self.dtype, self.device)
-        self.tracer.add_tensor("gathered_params", self._gather_out)
-        self._gather_work = self.comm.all_gather(
-            self._gather_out, self.shard, what=f"all_gather of unit {self.name}", async_op=True
+        send, owned = self._send_buffer(self.dtype)
+        out = self.pool.take(self.comm.world_size * self.numel, self.dtype, self.device)
+        self.tracer.add_tensor("gathered_params", out)
+        work = self.comm.all_gather(
+            out, send, what=f"all_gather of unit {self.name}", async_op=True
         )
+        self._gather = _InFlight(out, owned, work)
         self.state = UnitState.GATHERING
+
+    def _finish_in_flight(self) -> torch.Tensor:
+        """Wait for the issued gather; give its pooled input back; return its output."""
+        assert self._gather is not None
+        g, self._gather = self._gather, None
+        g.work.wait()
+        if g.send is not None:
+            self.pool.give(g.send)
+        return g.out
 
     def finish_gather(self) -> None:
         """Wait for the all-gather and point every parameter at its full rows."""
         if self.state is UnitState.GATHERED:
             return
         self.start_gather()
-        assert self._gather_work is not None and self._gather_out is not None
-        self._gather_work.wait()
+        out = self._finish_in_flight()
+        self._install_full(out.view(self.comm.world_size, self.numel), self.dtype)
+        self.tracer.sub_tensor("gathered_params", out)
+        self.pool.give(out)
+
+    def gather_full_precision(self) -> None:
+        """Gather the fp32 masters into parameters of their own dtype (``gathered_parameters``,
+        exports): what the user sees, not the compute copy. Synchronous; idempotent when
+        already gathered that way."""
+        if not self.resharded:
+            return
+        self.release()  # a compute-dtype gather is not what the caller wants
+        assert self.master is not None
         world = self.comm.world_size
-        gathered = self._gather_out.view(world, self.numel)
-        full = torch.empty(self.full_numel, dtype=self.dtype, device=self.device)
+        out = torch.empty(world * self.numel, dtype=torch.float32, device=self.device)
+        self.comm.all_gather(out, self.master, what=f"all_gather of unit {self.name} (fp32)")
+        orig = {s.orig_dtype for s in self.slots}
+        self._install_full(out.view(world, self.numel), orig.pop() if len(orig) == 1 else None)
+
+    def _install_full(self, gathered: torch.Tensor, dtype: torch.dtype | None) -> None:
+        world = self.comm.world_size
+        dtype = dtype or gathered.dtype
+        full = torch.empty(self.full_numel, dtype=dtype, device=self.device)
         self.tracer.add_tensor("gathered_params", full)
         offset = 0
         for slot in self.slots:
@@ -237,10 +343,6 @@ class Unit:
             copy_out_rows(gathered, slot, world, dst)
             slot.param.data = dst
             offset += slot.numel
-        self.tracer.sub_tensor("gathered_params", self._gather_out)
-        self.pool.give(self._gather_out)
-        self._gather_out = None
-        self._gather_work = None
         self._full = full
         self.state = UnitState.GATHERED
 
@@ -250,41 +352,46 @@ class Unit:
             return
         if self.state is UnitState.GATHERING:
             # A prefetch that was never used: complete it so collectives stay paired.
-            assert self._gather_work is not None and self._gather_out is not None
-            self._gather_work.wait()
-            self.tracer.sub_tensor("gathered_params", self._gather_out)
-            self.pool.give(self._gather_out)
-            self._gather_out = None
-            self._gather_work = None
+            out = self._finish_in_flight()
+            self.tracer.sub_tensor("gathered_params", out)
+            self.pool.give(out)
         for slot in self.slots:
-            slot.param.data = _empty_like_placeholder(slot, self.device)
+            slot.param.data = self.placeholder(slot)
         if self._full is not None:
             self.tracer.sub_tensor("gathered_params", self._full)
             self._full = None
         self.state = UnitState.SHARDED
 
-    def refresh_full(self, async_op: bool = False) -> PendingWork | None:
-        """Re-gather a non-resharded unit after its shard changed (optimizer step)."""
+    # ------------------------------------------------------ replicated units
+    def refresh_full(self, async_op: bool = False) -> None:
+        """Re-gather a replicated unit's parameters from every rank's updated rows."""
         assert not self.resharded
-        world = self.comm.world_size
-        out = torch.empty(world * self.numel, dtype=self.dtype, device=self.device)
+        dtype = self.master.dtype if self.master is not None else self.dtype
+        send, owned = self._send_buffer(dtype)
+        out = self.pool.take(self.comm.world_size * self.numel, dtype, self.device)
         work = self.comm.all_gather(
-            out, self.shard, what=f"all_gather of updated unit {self.name}", async_op=async_op
+            out, send, what=f"all_gather of updated unit {self.name}", async_op=async_op
         )
-        self._refresh = (out, work)
+        self._refresh = (out, owned if owned is not None else send, work)
         if not async_op:
             self.finish_refresh()
-            return None
-        return work
 
     def finish_refresh(self) -> None:
-        out, work = self._refresh
+        assert self._refresh is not None
+        out, send, work = self._refresh
+        self._refresh = None
         work.wait()
+        if send is not self.master:
+            self.pool.give(send)
         gathered = out.view(self.comm.world_size, self.numel)
         with torch.no_grad():
             for slot in self.slots:
                 copy_out_rows(gathered, slot, self.comm.world_size, slot.param.data)
-        del self._refresh
+        self.pool.give(out)
 
     def placeholder(self, slot: ParamSlot) -> torch.Tensor:
-        return _empty_like_placeholder(slot, self.device)
+        """What a sharded parameter holds between uses: empty, in the user's dtype."""
+        return torch.empty(0, dtype=slot.orig_dtype, device=self.device)
+
+    def master_bytes(self) -> int:
+        return nbytes(self.master) if self.master is not None else 0

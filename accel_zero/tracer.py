@@ -58,6 +58,11 @@ class MemoryTracer:
     def sub_tensor(self, kind: Kind, t: torch.Tensor) -> None:
         self.sub(kind, t.device, nbytes(t))
 
+    def mark(self, event: str, detail: str = "") -> None:
+        """A phase boundary (prepare, forward, backward, ...): the engine marks them so a
+        memory timeline can sample there; nothing is recorded yet."""
+        del event, detail
+
     def reset_peaks(self) -> None:
         self._peak = defaultdict(int, self._now)
         self._device_peak = defaultdict(int, self._device_now)

@@ -1,4 +1,4 @@
-"""Estimator numbers against hand-computed ZeRO-paper accounting."""
+"""Estimator numbers against hand-computed accounting of accel_zero's layout."""
 
 from __future__ import annotations
 
@@ -28,33 +28,35 @@ def _row(rows: list[StateEstimate], stage: int, opt: str, param: str = "none") -
 
 
 def test_bf16_one_million_params_four_ranks() -> None:
-    # Ψ = 1e6 in one tensor, N = 4, bf16: shard S = Ψ/4. Every stage keeps a 2S bf16 param
-    # shard, a 4S fp32 gradient shard and 12S of optimizer state (fp32 master + m + v) + 4 B
-    # (Adam's step count); stages 1/2 also keep the whole 2Ψ parameters.
+    # Ψ = 1e6 fp32 parameters in one tensor, N = 4, bf16 compute: shard S = Ψ/4. Parameters
+    # and their masters are fp32 whatever the compute dtype: stage 3 keeps a 4S fp32 shard (the
+    # master), a 4S fp32 gradient shard and 8S of Adam moments + 4 B (Adam's step count);
+    # stages 1/2 keep the whole 4Ψ parameters (their rows are the masters), stage 1 also
+    # DDP's whole 4Ψ gradients.
     rows = estimate(shapes_from_params(1_000_000), world_size=4, mixed_precision="bf16")
     assert len(rows) == 11
     s1, s2, s3 = _row(rows, 1, "none"), _row(rows, 2, "none"), _row(rows, 3, "none")
-    assert (s1.param_bytes, s1.grad_bytes, s1.optimizer_bytes) == (2_500_000, 1_000_000, 3_000_004)
-    assert s1.device_bytes == 6_500_004 and s1.cpu_bytes == 0
-    assert s2.device_bytes == 6_500_004  # stage 2 differs from 1 only under no_sync
-    # Stage 3: (2 + 4 + 12) S + 4 = 4.5e6 + 4.
-    assert (s3.param_bytes, s3.grad_bytes) == (500_000, 1_000_000)
-    assert s3.device_bytes == s3.total_bytes == 4_500_004
+    assert (s1.param_bytes, s1.grad_bytes, s1.optimizer_bytes) == (4_000_000, 4_000_000, 2_000_004)
+    assert s1.device_bytes == 10_000_004 and s1.cpu_bytes == 0
+    assert (s2.param_bytes, s2.grad_bytes) == (4_000_000, 1_000_000)
+    # Stage 3: (4 + 4 + 8) S + 4 = 16 bytes per parameter / N, as FSDP2.
+    assert (s3.param_bytes, s3.grad_bytes) == (1_000_000, 1_000_000)
+    assert s3.device_bytes == s3.total_bytes == 4_000_004
 
     # Optimizer on CPU: stage 3 keeps the param shard on the device, grads + state on host.
     cpu3 = _row(rows, 3, "cpu")
-    assert (cpu3.device_bytes, cpu3.cpu_bytes, cpu3.nvme_bytes) == (500_000, 4_000_004, 0)
+    assert (cpu3.device_bytes, cpu3.cpu_bytes, cpu3.nvme_bytes) == (1_000_000, 3_000_004, 0)
     nvme3 = _row(rows, 3, "nvme")
     assert (nvme3.device_bytes, nvme3.cpu_bytes, nvme3.nvme_bytes) == (
-        500_000,
         1_000_000,
-        3_000_004,
+        1_000_000,
+        2_000_004,
     )
     both = _row(rows, 3, "cpu", "cpu")
-    assert (both.device_bytes, both.cpu_bytes) == (0, 4_500_004)
+    assert (both.device_bytes, both.cpu_bytes) == (0, 4_000_004)
     # Stage 1 offload moves only the optimizer state: grads stay on the device.
     cpu1 = _row(rows, 1, "cpu")
-    assert (cpu1.device_bytes, cpu1.cpu_bytes) == (3_500_000, 3_000_004)
+    assert (cpu1.device_bytes, cpu1.cpu_bytes) == (8_000_000, 2_000_004)
     assert ddp_bytes(shapes_from_params(1_000_000)) == 16_000_000
 
 
@@ -74,12 +76,13 @@ def test_padding_and_persistent_params() -> None:
     model = ModelShapes(shapes=((10, 3), (5,)))
     rows = estimate(model, world_size=4, mixed_precision="bf16", param_persistence_threshold=8)
     s3 = _row(rows, 3, "none")
-    # Shards: 9 + ceil(5/4) = 11 elements. (5,) has 5 < 8 elements: also kept whole.
-    assert s3.param_bytes == 2 * (11 + 5)
-    assert s3.grad_bytes == 4 * 11
-    assert s3.optimizer_bytes == 12 * 11 + 2 * 4
+    # Shards: 9 + ceil(5/4) = 11 elements. (5,) has 5 < 8 elements: kept whole (fp32, its
+    # rows are its master), so only the (10, 3) weight has a 9-element fp32 shard.
+    assert s3.param_bytes == 4 * (9 + 5)
+    assert s3.grad_bytes == 4 * (9 + 5)  # the persistent (5,) keeps a whole gradient
+    assert s3.optimizer_bytes == 8 * 11 + 2 * 4
     s2 = _row(rows, 2, "none")
-    assert (s2.param_bytes, s2.grad_bytes) == (2 * (11 + 35), 4 * 11)
+    assert (s2.param_bytes, s2.grad_bytes) == (4 * 35, 4 * 11)
 
 
 def test_estimate_rejects_bad_arguments() -> None:
@@ -115,9 +118,9 @@ def test_cli_estimate_prints_table(tmp_path: Path, capsys: pytest.CaptureFixture
     stage3 = [
         line.split() for line in out.splitlines() if line.split()[:3] == ["3", "none", "none"]
     ]
-    # 4.5e6 + 4 bytes = 4.29 MiB on the device, nothing on host or disk.
-    assert stage3 == [["3", "none", "none", "488.28", "KiB", "976.56", "KiB", "2.86", "MiB",
-                       "4.29", "MiB", "0", "B", "0", "B"]]  # fmt: skip
+    # 4e6 + 4 bytes = 3.81 MiB on the device, nothing on host or disk.
+    assert stage3 == [["3", "none", "none", "976.56", "KiB", "976.56", "KiB", "1.91", "MiB",
+                       "3.81", "MiB", "0", "B", "0", "B"]]  # fmt: skip
 
     folder, _ = _tiny_gpt2(tmp_path)
     assert cli.main(["estimate", str(folder), "--world-size", "2", "--mixed-precision", "no"]) == 0
