@@ -29,6 +29,7 @@ from torch import nn
 from accel_zero.comm import Comm, import_dynamo_before_process_group, let_gloo_workers_finish
 from accel_zero.config import ZeroConfig
 from accel_zero.engine import Engine, EngineContext
+from accel_zero.launch import check_launch_environment
 from accel_zero.optim import LossScaler, ZeroOptimizer
 from accel_zero.tracer import MemoryTracer
 
@@ -125,6 +126,9 @@ class Accelerator(accelerate.Accelerator):
         if not _exit_hook_registered:
             atexit.register(_destroy_gloo_group_at_exit)
             _exit_hook_registered = True
+        # A launch that asked for more ranks than this process joined must not train alone
+        # (after the exit hook, so a wrongly sized gloo group is still torn down).
+        check_launch_environment(world_size=self.num_processes, rank=self.process_index)
         if self.distributed_type not in _SUPPORTED:
             raise ValueError(
                 f"accel_zero runs on distributed_type NO, MULTI_CPU or MULTI_GPU, not "

@@ -44,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     from accelerate.commands.utils import CustomArgumentParser
 
     from accel_zero.estimator import add_arguments as add_estimate_arguments
+    from accel_zero.launch import configure_launch_parser
 
     parser = CustomArgumentParser(
         "accel-zero",
@@ -52,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subparsers = parser.add_subparsers(title="commands", metavar="{launch,env,estimate}")
     launch = launch_command_parser(subparsers)
+    configure_launch_parser(launch)
     launch.description = (
         "Run a script like `accelerate launch`, with a `zero_config:` block allowed in "
         "--config_file. " + (launch.description or "")
