@@ -1,9 +1,11 @@
-"""The ``accel-zero`` command: ``launch`` | ``env`` | ``estimate``.
+"""The ``accel-zero`` command: ``launch`` | ``env`` | ``estimate`` | ``export``.
 
 ``accel-zero launch`` takes exactly the ``accelerate launch`` arguments (see
 ``accel_zero.launch``); ``accel-zero env`` reports which compiled kernels and devices
 are usable; ``accel-zero estimate`` prints per-rank model-state memory for every
-ZeRO stage and offload setting (see ``accel_zero.estimator``).
+ZeRO stage and offload setting (see ``accel_zero.estimator``); ``accel-zero export``
+turns a sharded ``save_state`` checkpoint into consolidated safetensors that
+``from_pretrained`` loads (see ``accel_zero.checkpoint.consolidate``).
 """
 
 from __future__ import annotations
@@ -32,6 +34,12 @@ def _estimate(args: argparse.Namespace) -> int:
     return estimator.main(args)
 
 
+def _export(args: argparse.Namespace) -> int:
+    from accel_zero.checkpoint import consolidate
+
+    return consolidate.main(args)
+
+
 def _launch(args: argparse.Namespace) -> int:
     from accel_zero.launch import run_launch
 
@@ -43,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     from accelerate.commands.launch import launch_command_parser
     from accelerate.commands.utils import CustomArgumentParser
 
+    from accel_zero.checkpoint.consolidate import add_arguments as add_export_arguments
     from accel_zero.estimator import add_arguments as add_estimate_arguments
     from accel_zero.launch import configure_launch_parser
 
@@ -51,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="ZeRO-3 / ZeRO-Infinity training backend for Hugging Face Accelerate.",
         allow_abbrev=False,
     )
-    subparsers = parser.add_subparsers(title="commands", metavar="{launch,env,estimate}")
+    subparsers = parser.add_subparsers(title="commands", metavar="{launch,env,estimate,export}")
     launch = launch_command_parser(subparsers)
     configure_launch_parser(launch)
     launch.description = (
@@ -75,6 +84,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_estimate_arguments(estimate)
     estimate.set_defaults(func=_estimate)
+
+    export = subparsers.add_parser(
+        "export",
+        help="Turn a sharded save_state checkpoint into a from_pretrained folder.",
+        description="Reassemble the model weights of a checkpoint written by save_state (on any "
+        "number of ranks) into consolidated safetensors with the model's config, one tensor at "
+        "a time, in one process.",
+    )
+    add_export_arguments(export)
+    export.set_defaults(func=_export)
     return parser
 
 
