@@ -336,18 +336,103 @@ class Accelerator(accelerate.Accelerator):
             dtype=dtype,
         )
 
-    def save_state(self, output_dir: str | None = None, **kwargs: Any) -> str:
-        raise NotImplementedError(
-            "accel_zero: sharded save_state/load_state is not implemented yet (planned with "
-            "the offload work). Use accelerator.save_model(model, dir) for a consolidated "
-            "checkpoint that from_pretrained loads."
+    # ------------------------------------------------------------ checkpoints
+    def _prepared_engines(self) -> list[Engine]:
+        """Engines in the order their models were prepared (the checkpoint's order)."""
+        engines = [self._zero_engines[id(m)] for m in self._models if id(m) in self._zero_engines]
+        return engines or list(self._zero_engines.values())
+
+    @staticmethod
+    def _state_prefixes(i: int) -> tuple[str, str, str]:
+        """Checkpoint key prefixes of the i-th model / optimizer (the first keeps plain names,
+        so ``accel-zero export`` finds ``model/<fqn>``)."""
+        tag = "" if i == 0 else f"_{i}"
+        return f"model{tag}/", f"optim{tag}/", f"accel_zero/optimizer{tag}"
+
+    def save_state(
+        self, output_dir: str | None = None, safe_serialization: bool = True, **kwargs: Any
+    ) -> str:
+        """A sharded, resumable checkpoint of everything ``load_state`` needs (every rank calls
+        it): each rank's rows of the fp32 masters and optimizer moments, the loss scale, RNG
+        states, schedulers, dataloader positions and registered objects, with Accelerate's
+        folder conventions (``ProjectConfiguration(automatic_checkpoint_naming=True,
+        total_limit=...)``). Crash-safe: a folder holds the old or the new state, never a mix.
+        It loads on any number of ranks; ``accel-zero export`` turns it into a
+        ``from_pretrained`` folder. See accel_zero/checkpoint/."""
+        del safe_serialization  # tensors are always safetensors, metadata JSON
+        if not self._zero_engines:
+            return str(super().save_state(output_dir, **kwargs))
+        from accel_zero.checkpoint import (
+            begin_save,
+            checkpoint_dir_for_save,
+            prune_checkpoints,
+            save_accelerator_objects,
         )
 
+        comm = self._zero_comm
+        target = checkpoint_dir_for_save(self, output_dir)
+        engines = self._prepared_engines()
+        for hook in self._save_model_state_pre_hook.values():
+            hook(self._models, [], str(target))
+        with begin_save(
+            target,
+            rank=self.process_index,
+            world_size=self.num_processes,
+            barrier=lambda: comm.barrier(what="save_state"),
+        ) as save:
+            save.write_model_files(engines[0].model)
+            for i, engine in enumerate(engines):
+                save.write_shards(engine.state_shards(self._state_prefixes(i)[0]))
+            for i, zero in enumerate(self._zero_optimizers):
+                _, optim_prefix, meta_name = self._state_prefixes(i)
+                save.write_shards(zero.state_shards(optim_prefix))
+                save.write_state(meta_name, zero.meta_state())
+            save_accelerator_objects(save, self)
+            save.commit(
+                {
+                    "zero_config": self.zero_config.to_dict(),
+                    "mixed_precision": str(self.mixed_precision),
+                    "models": len(engines),
+                    "optimizers": len(self._zero_optimizers),
+                }
+            )
+        if self.is_main_process:
+            prune_checkpoints(self, target)
+        self.project_configuration.iteration += 1
+        return str(target)
+
     def load_state(self, input_dir: str | None = None, **kwargs: Any) -> None:
-        raise NotImplementedError(
-            "accel_zero: sharded save_state/load_state is not implemented yet; "
-            "reload a save_model() export with from_pretrained instead"
+        """Restore a ``save_state`` checkpoint written by any number of ranks (every rank
+        calls it, after ``prepare``). A checkpoint of another model, or an incomplete or
+        damaged one, is refused with an error naming the file."""
+        if not self._zero_engines:
+            super().load_state(input_dir, **kwargs)
+            return
+        from accel_zero.checkpoint import (
+            checkpoint_dir_for_load,
+            load_accelerator_objects,
+            open_checkpoint,
         )
+
+        source = checkpoint_dir_for_load(self, input_dir)
+        engines = self._prepared_engines()
+        for hook in self._load_model_state_pre_hook.values():
+            hook(self._models, str(source))
+        with open_checkpoint(source) as reader:
+            for i, engine in enumerate(engines):
+                prefix = self._state_prefixes(i)[0]
+                reader.check_compatible(engine.state_shapes(prefix), prefixes=[prefix])
+            for i, engine in enumerate(engines):
+                engine.load_state_shards(reader, self._state_prefixes(i)[0])
+            for i, zero in enumerate(self._zero_optimizers):
+                _, optim_prefix, meta_name = self._state_prefixes(i)
+                if not reader.has_state(meta_name):
+                    raise ValueError(
+                        f"load_state: {source} holds no state for optimizer {i}; it was saved "
+                        "with fewer optimizers than this accelerator prepared"
+                    )
+                zero.load_state_shards(reader, reader.read_state(meta_name), optim_prefix)
+            load_accelerator_objects(reader, self)
 
     def end_training(self) -> None:
         for engine in self._zero_engines.values():

@@ -656,8 +656,8 @@ class Engine:
         return out
 
     # ---------------------------------------------------------- checkpoints
-    def state_shards(self) -> Iterator[RowShard]:
-        """This rank's fp32 master rows of every parameter (``model/<fqn>``) and the
+    def state_shards(self, prefix: str = "model/") -> Iterator[RowShard]:
+        """This rank's fp32 master rows of every parameter (``<prefix><fqn>``) and the
         persistent buffers (replicated). See accel_zero/shards.py."""
         rank = self.comm.rank
         for unit in self.units:
@@ -665,7 +665,7 @@ class Engine:
                 rows = unit.slot_master(slot)
                 if rows.dtype != torch.float32:  # replicated non-fp32 parameters are masters
                     rows = rows.float()
-                key = f"model/{slot.fqn}"
+                key = f"{prefix}{slot.fqn}"
                 if not slot.shape:
                     if rows.numel():
                         yield RowShard(key=key, global_shape=(), row_start=0, tensor=rows.view(()))
@@ -686,21 +686,29 @@ class Engine:
                 )
         for key, buf in _persistent_buffers(self.model):
             yield RowShard(
-                key=f"model/{key}",
+                key=f"{prefix}{key}",
                 global_shape=tuple(buf.shape),
                 row_start=0,
                 tensor=buf.detach(),
                 replicated=True,
             )
 
-    def load_state_shards(self, reader: ShardReader) -> None:
+    def state_shapes(self, prefix: str = "model/") -> dict[str, tuple[int, ...]]:
+        """The keys ``state_shards`` writes, with their global shapes (to check a checkpoint
+        belongs to this model before loading it)."""
+        shapes = {f"{prefix}{s.fqn}": tuple(s.shape) for u in self.units for s in u.slots}
+        for key, buf in _persistent_buffers(self.model):
+            shapes[f"{prefix}{key}"] = tuple(buf.shape)
+        return shapes
+
+    def load_state_shards(self, reader: ShardReader, prefix: str = "model/") -> None:
         """Load masters (this rank's rows, whatever world size wrote them) and buffers, then
         refresh whole parameters. Raises ValueError naming a missing or mismatched key."""
         self.hooks.invalidate()
         rank = self.comm.rank
         for unit in self.units:
             for slot in unit.slots:
-                key = f"model/{slot.fqn}"
+                key = f"{prefix}{slot.fqn}"
                 _expect_shape(reader, key, tuple(slot.shape))
                 start, n = slot.row_start(rank), slot.local_rows(rank)
                 with torch.no_grad():
@@ -711,9 +719,10 @@ class Engine:
                         whole = reader.read_rows(key, 0, slot.rows)
                         slot.param.data.copy_(whole.reshape(slot.shape))
         for key, buf in _persistent_buffers(self.model):
-            _expect_shape(reader, f"model/{key}", tuple(buf.shape))
+            _expect_shape(reader, f"{prefix}{key}", tuple(buf.shape))
             with torch.no_grad():
-                buf.copy_(reader.read_rows(f"model/{key}", 0, buf.shape[0] if buf.dim() else 1))
+                n_rows = buf.shape[0] if buf.dim() else 1
+                buf.copy_(reader.read_rows(f"{prefix}{key}", 0, n_rows).reshape(buf.shape))
         self.hooks.prefetch_next_pass(grad=True)
 
 

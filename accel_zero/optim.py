@@ -346,8 +346,8 @@ class ZeroOptimizer:
     def _fqn(self, e: _Entry) -> str:
         return e.unit.slots[e.slot].fqn
 
-    def state_shards(self) -> Iterator[RowShard]:
-        """This rank's rows of every per-parameter optimizer tensor (``optim/<fqn>/<name>``),
+    def state_shards(self, prefix: str = "optim/") -> Iterator[RowShard]:
+        """This rank's rows of every per-parameter optimizer tensor (``<prefix><fqn>/<name>``),
         scalars (Adam's ``step``) replicated. See accel_zero/shards.py."""
         rank = self.comm.rank
         for e in self.entries:
@@ -355,7 +355,7 @@ class ZeroOptimizer:
             for name, value in self.optimizer.state.get(e.master, {}).items():
                 if not isinstance(value, torch.Tensor):
                     continue
-                key = f"optim/{slot.fqn}/{name}"
+                key = f"{prefix}{slot.fqn}/{name}"
                 if value.shape == e.master.shape and slot.shape:
                     yield RowShard(
                         key=key,
@@ -397,7 +397,9 @@ class ZeroOptimizer:
             "loss_scale": self.scaler.state_dict() if self.scaler is not None else None,
         }
 
-    def load_state_shards(self, reader: ShardReader, meta: dict[str, Any]) -> None:
+    def load_state_shards(
+        self, reader: ShardReader, meta: dict[str, Any], prefix: str = "optim/"
+    ) -> None:
         """Rebuild this rank's optimizer state from a checkpoint of any world size."""
         if meta.get("optimizer_class") not in (None, type(self.optimizer).__name__):
             raise ValueError(
@@ -419,7 +421,7 @@ class ZeroOptimizer:
             slot = e.unit.slots[e.slot]
             state: dict[str, torch.Tensor] = {}
             for name in names.get(slot.fqn, []):
-                key = f"optim/{slot.fqn}/{name}"
+                key = f"{prefix}{slot.fqn}/{name}"
                 shape = reader.shape(key)
                 if shape is None:
                     raise ValueError(f"the checkpoint has no {key!r} (incomplete checkpoint?)")
