@@ -14,12 +14,14 @@ _EXPORTS = {
     "lazy_init": "accel_zero.lazy",
     "ZeroConfig": "accel_zero.config",
     "OffloadConfig": "accel_zero.config",
+    "AioConfig": "accel_zero.config",
     "LossScaleConfig": "accel_zero.config",
     "CPUAdam": "accel_zero.cpu_adam",
 }
 
 __all__ = [
     "Accelerator",
+    "AioConfig",
     "CPUAdam",
     "LossScaleConfig",
     "OffloadConfig",

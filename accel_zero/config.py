@@ -3,7 +3,8 @@
 The three dataclasses are frozen and keyword-only; every field is documented once,
 right under it, and validated in ``__post_init__``. They are built from a Python
 dict (``from_dict``), a YAML or JSON file (``from_yaml``), a DeepSpeed JSON
-(``from_deepspeed``), or from wherever the user put them (``resolve``).
+(``from_deepspeed``, translated by ``accel_zero.deepspeed_config``), or from wherever the
+user put them (``resolve``).
 
 Parsing rules shared by every constructor:
 
@@ -333,6 +334,33 @@ class LossScaleConfig(_ConfigBase):
 
 
 @dataclass(frozen=True, kw_only=True)
+class AioConfig(_ConfigBase):
+    """How the NVMe swapper drives the disk (DeepSpeed's ``aio`` section)."""
+
+    _DEFAULT_PATH = f"{ROOT}.aio"
+
+    block_size: int = 1 << 20
+    """Bytes per IO request a record is cut into; a multiple of 4096 (O_DIRECT)."""
+    queue_depth: int = 32
+    """IO requests in flight per swap buffer; >= 1."""
+    threads: int = 1
+    """Threads submitting each buffer's requests; >= 1."""
+
+    @classmethod
+    def _normalise(cls, values: dict[str, Any], path: str, *, warn: bool = True) -> dict[str, Any]:
+        out = dict(values)
+        out["block_size"] = _parse_int(values["block_size"], f"{path}.block_size", minimum=4096)
+        if out["block_size"] % 4096:
+            raise ConfigValueError(
+                f"{path}.block_size",
+                f"{path}.block_size={out['block_size']} must be a multiple of 4096 (O_DIRECT)",
+            )
+        out["queue_depth"] = _parse_int(values["queue_depth"], f"{path}.queue_depth", minimum=1)
+        out["threads"] = _parse_int(values["threads"], f"{path}.threads", minimum=1)
+        return out
+
+
+@dataclass(frozen=True, kw_only=True)
 class OffloadConfig(_ConfigBase):
     """Where one kind of model state lives between uses (offload_optimizer / offload_param)."""
 
@@ -344,8 +372,10 @@ class OffloadConfig(_ConfigBase):
     """Folder on a fast local disk for ``device: nvme`` (one sub-folder per rank goes there)."""
     pin_memory: bool = True
     """Use page-locked host buffers so copies to and from the accelerator are asynchronous."""
-    buffer_count: int = 5
-    """Number of staging buffers in the swap pipeline (NVMe); >= 1."""
+    buffer_count: int = 4
+    """Swap buffers per kind of state (NVMe), each the size of the largest record: the
+    optimizer reads record i+1 and writes i-1 while stepping i, the parameters are read this
+    many units ahead; >= 2. (4: scripts/bench_swap.py stalled least per byte of RAM.)"""
 
     @classmethod
     def _normalise(cls, values: dict[str, Any], path: str, *, warn: bool = True) -> dict[str, Any]:
@@ -359,7 +389,7 @@ class OffloadConfig(_ConfigBase):
                 raise _type_error(f"{path}.nvme_path", nvme_path, "a non-empty folder path")
             out["nvme_path"] = Path(nvme_path)
         out["pin_memory"] = _parse_bool(values["pin_memory"], f"{path}.pin_memory")
-        out["buffer_count"] = _parse_int(values["buffer_count"], f"{path}.buffer_count", minimum=1)
+        out["buffer_count"] = _parse_int(values["buffer_count"], f"{path}.buffer_count", minimum=2)
         if out["device"] == "nvme" and out["nvme_path"] is None:
             raise ConfigValueError(
                 f"{path}.nvme_path",
@@ -409,7 +439,14 @@ class ZeroConfig(_ConfigBase):
     offload_optimizer: OffloadConfig = field(default_factory=OffloadConfig)
     """Where fp32 master weights and optimizer state live (none, cpu or nvme)."""
     offload_param: OffloadConfig = field(default_factory=OffloadConfig)
-    """Where parameter shards live between uses (none or cpu; stage 3 only)."""
+    """Where parameter shards live between uses (none, cpu or nvme; stage 3 only)."""
+    sub_group_size: int = 10_000_000
+    """Elements of optimizer state moved as one record with offload_optimizer nvme
+    (DeepSpeed's key): master, exp_avg and exp_avg_sq of 1e7 elements make a 120 MB record,
+    which reaches full disk speed here while buffer_count of them stay a small part of RAM
+    (scripts/bench_swap.py; DeepSpeed's 1e9 makes 12 GB records); >= 1."""
+    aio: AioConfig = field(default_factory=AioConfig)
+    """How the NVMe swapper drives the disk."""
     timeout: float = 1800.0
     """Seconds before a collective or the rendezvous gives up with an error; > 0."""
 
@@ -459,15 +496,12 @@ class ZeroConfig(_ConfigBase):
         for name in ("offload_optimizer", "offload_param"):
             out[name] = OffloadConfig._from_mapping(values[name], f"{path}.{name}")
         out["timeout"] = _parse_float(values["timeout"], f"{path}.timeout", low=0.0, low_open=True)
+        out["sub_group_size"] = parse_count(
+            values["sub_group_size"], f"{path}.sub_group_size", minimum=1
+        )
+        out["aio"] = AioConfig._from_mapping(values["aio"], f"{path}.aio")
 
         offload_param = out["offload_param"]
-        if offload_param.device == "nvme":
-            raise ConfigValueError(
-                f"{path}.offload_param.device",
-                f"{path}.offload_param.device='nvme' is not supported (allowed: 'none', 'cpu'); "
-                f"parameters can be offloaded to CPU, optimizer state to NVMe "
-                f"({path}.offload_optimizer.device='nvme')",
-            )
         if offload_param.device != "none" and out["stage"] != 3:
             raise ConfigValueError(
                 f"{path}.offload_param.device",
@@ -531,13 +565,15 @@ class ZeroConfig(_ConfigBase):
 
     @classmethod
     def from_deepspeed(cls, path_or_dict: str | os.PathLike[str] | Mapping[str, Any]) -> ZeroConfig:
-        """Translate a DeepSpeed JSON config (see ``_deepspeed_to_dict`` for the mapping)."""
+        """Translate a DeepSpeed JSON config (the mapping is in accel_zero/deepspeed_config.py)."""
+        from accel_zero.deepspeed_config import deepspeed_to_dict, origin_of
+
         ds = path_or_dict if isinstance(path_or_dict, Mapping) else _load_mapping(path_or_dict)
-        block, origin = _deepspeed_to_dict(ds)
+        block, origin = deepspeed_to_dict(ds)
         try:
             return cls.from_dict(block)
         except (ConfigValueError, ConfigTypeError) as exc:
-            ds_key = _origin_of(exc.key, origin)
+            ds_key = origin_of(exc.key, origin)
             if ds_key is None:
                 raise
             message = f"DeepSpeed key {ds_key} (accel_zero {exc.key}): {exc}"
@@ -627,197 +663,10 @@ _KEY_HINTS = {
     "zero_optimization": "a DeepSpeed section; use ZeroConfig.from_deepspeed for a DeepSpeed JSON;",
 }
 
-# ----------------------------------------------------------------------------------------------
-# DeepSpeed JSON translation.
-#
-# Decisions (documented in the README's configuration reference):
-# * Mapped keys are listed in _DS_ZERO_MAP / _DS_OFFLOAD_KEYS / _DS_FP16_MAP.
-# * "auto" (Hugging Face's DeepSpeed templates) on a mapped key means "accel_zero's default".
-# * Keys naming behaviour accel_zero always has are accepted only with that value
-#   (_DS_FIXED), e.g. contiguous_gradients must be true.
-# * Batch-size keys are Accelerate's: accepted only as "auto" (the script's dataloader and
-#   Accelerator(gradient_accumulation_steps=...) decide them).
-# * Every other key is an error naming all of them at once.
-
-_DS_ZERO_MAP = {
-    "stage": "stage",
-    "stage3_prefetch_bucket_size": "prefetch_bucket_size",
-    "stage3_max_live_parameters": "max_live_parameters",
-    "stage3_max_reuse_distance": "max_reuse_distance",
-    "stage3_param_persistence_threshold": "param_persistence_threshold",
-    "reduce_bucket_size": "reduce_bucket_size",
-    "overlap_comm": "overlap_comm",
-}
-_DS_OFFLOAD_KEYS = ("device", "nvme_path", "pin_memory", "buffer_count")
-_DS_FP16_MAP = {
-    "loss_scale_window": "growth_interval",
-    "hysteresis": "hysteresis",
-    "min_loss_scale": "min_scale",
-}
-_DS_FIXED: dict[str, tuple[tuple[Any, ...], str]] = {
-    "zero_optimization.contiguous_gradients": (
-        (True,),
-        "gradients are always reduced into flat buffers",
-    ),
-    "zero_optimization.reduce_scatter": ((True,), "gradients are always reduce-scattered"),
-    "zero_optimization.allgather_partitions": ((True,), "parameters are always all-gathered"),
-    "zero_optimization.round_robin_gradients": ((False,), "there is no round-robin mode"),
-    "zero_optimization.stage3_gather_16bit_weights_on_model_save": (
-        (True,),
-        "save_model always gathers the full weights",
-    ),
-    "fp16.loss_scale": ((0, 0.0), "the loss scale is always dynamic (0)"),
-    "fp16.consecutive_hysteresis": ((False,), "hysteresis counts all overflows"),
-    "fp16.auto_cast": ((False,), "autocast is Accelerate's mixed_precision"),
-    "wall_clock_breakdown": ((False,), "use accelerator.zero_stats() for timings"),
-    "train_batch_size": (("auto",), "Accelerate owns batch sizes: set them in your dataloader"),
-    "train_micro_batch_size_per_gpu": (
-        ("auto",),
-        "Accelerate owns batch sizes: set them in your dataloader",
-    ),
-    "gradient_accumulation_steps": (
-        ("auto",),
-        "use Accelerator(gradient_accumulation_steps=...) or the Accelerate config",
-    ),
-}
-
-
-def _deepspeed_to_dict(ds: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
-    """Map a DeepSpeed config onto a ``zero_config`` block; also return accel key -> DS key."""
-    block: dict[str, Any] = {}
-    origin: dict[str, str] = {}
-    unsupported: list[str] = []
-
-    def fixed(ds_key: str, value: Any) -> None:
-        allowed, why = _DS_FIXED[ds_key]
-        if isinstance(value, bool) != isinstance(allowed[0], bool) or value not in allowed:
-            shown = ", ".join(json.dumps(a) for a in allowed)
-            raise ConfigValueError(
-                ds_key,
-                f"DeepSpeed key {ds_key}={json.dumps(value)} has no accel_zero equivalent "
-                f"({why}; allowed: {shown}, or remove the key)",
-            )
-
-    def put(ds_key: str, accel_key: str, value: Any, target: dict[str, Any], prefix: str) -> None:
-        if value == "auto":
-            return  # "auto" = accel_zero's default
-        target[accel_key] = value
-        origin[f"{prefix}.{accel_key}"] = ds_key
-
-    zero = ds.get("zero_optimization", {})
-    if not isinstance(zero, Mapping):
-        raise _type_error("zero_optimization", zero, "a mapping")
-    if zero.get("stage") == 0:
-        raise ConfigValueError(
-            "zero_optimization.stage",
-            "DeepSpeed key zero_optimization.stage=0 (no ZeRO) has no accel_zero equivalent "
-            "(allowed: 1, 2, 3); for plain data parallelism use accelerate without accel_zero",
-        )
-    for key, value in zero.items():
-        ds_key = f"zero_optimization.{key}"
-        if key in _DS_ZERO_MAP:
-            put(ds_key, _DS_ZERO_MAP[key], value, block, ROOT)
-        elif key in ("offload_optimizer", "offload_param"):
-            if not isinstance(value, Mapping):
-                raise _type_error(ds_key, value, "a mapping")
-            sub: dict[str, Any] = {}
-            for sub_key, sub_value in value.items():
-                if sub_key in _DS_OFFLOAD_KEYS:
-                    put(f"{ds_key}.{sub_key}", sub_key, sub_value, sub, f"{ROOT}.{key}")
-                else:
-                    unsupported.append(f"{ds_key}.{sub_key}")
-            block[key] = sub
-            origin[f"{ROOT}.{key}"] = ds_key
-        elif ds_key in _DS_FIXED:
-            fixed(ds_key, value)
-        else:
-            unsupported.append(ds_key)
-
-    fp16 = ds.get("fp16", {})
-    bf16 = ds.get("bf16", {})
-    for name, section in (("fp16", fp16), ("bf16", bf16)):
-        if not isinstance(section, Mapping):
-            raise _type_error(name, section, "a mapping")
-    fp16_on, bf16_on = fp16.get("enabled", False), bf16.get("enabled", False)
-    for name, flag in (("fp16.enabled", fp16_on), ("bf16.enabled", bf16_on)):
-        if flag != "auto" and not isinstance(flag, bool):
-            raise _type_error(name, flag, 'a boolean or "auto"')
-    if fp16_on is True and bf16_on is True:
-        raise ConfigValueError(
-            "fp16.enabled", "DeepSpeed fp16.enabled and bf16.enabled are both true; pick one"
-        )
-    if fp16_on is True:
-        block["mixed_precision"] = "fp16"
-        origin[f"{ROOT}.mixed_precision"] = "fp16.enabled"
-    elif bf16_on is True:
-        block["mixed_precision"] = "bf16"
-        origin[f"{ROOT}.mixed_precision"] = "bf16.enabled"
-    # "auto" or false on both: leave mixed_precision to Accelerate.
-    loss_scale: dict[str, Any] = {}
-    for key, value in fp16.items():
-        ds_key = f"fp16.{key}"
-        if key == "enabled":
-            continue
-        if key == "initial_scale_power":
-            if value == "auto":
-                continue
-            power = _parse_int(value, ds_key, minimum=0)
-            loss_scale["initial_scale"] = float(2**power)
-            origin[f"{ROOT}.loss_scale.initial_scale"] = ds_key
-        elif key in _DS_FP16_MAP:
-            put(ds_key, _DS_FP16_MAP[key], value, loss_scale, f"{ROOT}.loss_scale")
-        elif ds_key in _DS_FIXED:
-            fixed(ds_key, value)
-        else:
-            unsupported.append(ds_key)
-    if loss_scale:
-        block["loss_scale"] = loss_scale
-    unsupported.extend(f"bf16.{key}" for key in bf16 if key != "enabled")
-
-    for key, value in ds.items():
-        if key in ("zero_optimization", "fp16", "bf16"):
-            continue
-        if key == "gradient_clipping":
-            if value not in ("auto", 0, 0.0) or isinstance(value, bool):
-                block["gradient_clipping"] = value  # DeepSpeed's 0 means "no clipping"
-                origin[f"{ROOT}.gradient_clipping"] = key
-        elif key in _DS_FIXED:
-            fixed(key, value)
-        else:
-            unsupported.append(key)
-    if unsupported:
-        hints = {
-            "optimizer": "create the torch optimizer in your script",
-            "scheduler": "create the scheduler in your script",
-        }
-        notes = [f"{k} ({hints[k]})" if k in hints else k for k in unsupported]
-        raise ConfigValueError(
-            unsupported[0],
-            "DeepSpeed keys with no accel_zero equivalent: "
-            + ", ".join(notes)
-            + ". Remove them; mapped keys are zero_optimization.{"
-            + ", ".join([*_DS_ZERO_MAP, "offload_optimizer", "offload_param"])
-            + "}, fp16.{enabled, initial_scale_power, loss_scale_window, hysteresis, "
-            "min_loss_scale}, "
-            "bf16.enabled, gradient_clipping",
-        )
-    return block, origin
-
-
-def _origin_of(key: str, origin: Mapping[str, str]) -> str | None:
-    """The DeepSpeed key an accel_zero key path (or its prefix) came from."""
-    while key:
-        if key in origin:
-            return origin[key]
-        if "." not in key:
-            return None
-        key = key.rsplit(".", 1)[0]
-    return None
-
-
 __all__ = [
     "CONFIG_PATH_ENV",
     "LAUNCH_CONFIG_ENV",
+    "AioConfig",
     "ConfigTypeError",
     "ConfigValueError",
     "LossScaleConfig",

@@ -51,10 +51,22 @@ BAD_CONFIGS: list[tuple[str, dict[str, Any], type[Exception], list[str]]] = [
         ["zero_config.offload_optimizer.nvme_path"],
     ),
     (
-        "param offload to nvme",
-        {"offload_param": {"device": "nvme", "nvme_path": "/tmp/x"}},
+        "param offload to nvme without a path",
+        {"offload_param": {"device": "nvme"}},
         ValueError,
-        ["zero_config.offload_param.device", "allowed: 'none', 'cpu'"],
+        ["zero_config.offload_param.nvme_path", "needs"],
+    ),
+    (
+        "aio block size not a multiple of 4096",
+        {"aio": {"block_size": 5000}},
+        ValueError,
+        ["zero_config.aio.block_size", "multiple of 4096"],
+    ),
+    (
+        "sub group size zero",
+        {"sub_group_size": 0},
+        ValueError,
+        ["zero_config.sub_group_size", ">= 1"],
     ),
     (
         "param offload below stage 3",
@@ -125,9 +137,9 @@ BAD_CONFIGS: list[tuple[str, dict[str, Any], type[Exception], list[str]]] = [
     ),
     (
         "buffer count zero",
-        {"offload_optimizer": {"device": "cpu", "buffer_count": 0}},
+        {"offload_optimizer": {"device": "cpu", "buffer_count": 1}},
         ValueError,
-        ["zero_config.offload_optimizer.buffer_count", ">= 1"],
+        ["zero_config.offload_optimizer.buffer_count", ">= 2"],
     ),
     (
         "block not a mapping",
@@ -350,8 +362,12 @@ def test_deepspeed_bf16_and_auto() -> None:
     ("ds", "fragments"),
     [
         (
-            {"zero_optimization": {"stage": 3, "sub_group_size": 1e9}, "steps_per_print": 10},
-            ["zero_optimization.sub_group_size", "steps_per_print", "no accel_zero equivalent"],
+            {"zero_optimization": {"stage": 3, "zero_hpz_partition_size": 8}, "steps_per_print": 1},
+            [
+                "zero_optimization.zero_hpz_partition_size",
+                "steps_per_print",
+                "no accel_zero equivalent",
+            ],
         ),
         (
             {"zero_optimization": {"offload_optimizer": {"device": "cpu", "ratio": 0.3}}},
@@ -445,3 +461,22 @@ def test_errors_pickle_with_their_key() -> None:
     assert type(clone) is type(info.value)
     assert clone.key == "zero_config.offload_optimizer.device"  # type: ignore[attr-defined]
     assert str(clone) == str(info.value)
+
+
+def test_deepspeed_sub_group_size_and_aio_are_mapped() -> None:
+    cfg = ZeroConfig.from_deepspeed(
+        {
+            "zero_optimization": {
+                "stage": 3,
+                "sub_group_size": 1e8,
+                "offload_optimizer": {"device": "nvme", "nvme_path": "/tmp/x"},
+                "offload_param": {"device": "nvme", "nvme_path": "/tmp/x", "buffer_count": 6},
+            },
+            "aio": {"block_size": 262144, "queue_depth": 8, "thread_count": 2, "use_gds": False},
+        }
+    )
+    assert cfg.sub_group_size == 100_000_000
+    assert (cfg.aio.block_size, cfg.aio.queue_depth, cfg.aio.threads) == (262144, 8, 2)
+    assert cfg.offload_param.device == "nvme" and cfg.offload_param.buffer_count == 6
+    with pytest.raises(ValueError, match="aio.use_gds"):
+        ZeroConfig.from_deepspeed({"aio": {"use_gds": True}})
