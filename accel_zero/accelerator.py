@@ -437,6 +437,7 @@ class Accelerator(accelerate.Accelerator):
     def end_training(self) -> None:
         for engine in self._zero_engines.values():
             engine.hooks.invalidate()  # no prefetch may still be in flight at teardown
+            engine.close()  # swap files of this run
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             let_gloo_workers_finish()
         super().end_training()

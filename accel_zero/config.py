@@ -502,6 +502,21 @@ class ZeroConfig(_ConfigBase):
         out["aio"] = AioConfig._from_mapping(values["aio"], f"{path}.aio")
 
         offload_param = out["offload_param"]
+        offload_opt = out["offload_optimizer"]
+        if offload_param.device != "none" and offload_opt.device == "none":
+            raise ConfigValueError(
+                f"{path}.offload_param.device",
+                f"{path}.offload_param.device={offload_param.device!r} needs "
+                f"{path}.offload_optimizer.device 'cpu' or 'nvme': a parameter shard is the fp32 "
+                "master the optimizer steps, so it leaves the device with the optimizer state",
+            )
+        if offload_param.device == "nvme" and offload_opt.device != "nvme":
+            raise ConfigValueError(
+                f"{path}.offload_param.device",
+                f"{path}.offload_param.device='nvme' needs {path}.offload_optimizer.device="
+                "'nvme': with the fp32 masters in memory the parameter shards are those "
+                f"masters, so there is nothing smaller to put on disk (got {offload_opt.device!r})",
+            )
         if offload_param.device != "none" and out["stage"] != 3:
             raise ConfigValueError(
                 f"{path}.offload_param.device",

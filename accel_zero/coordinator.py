@@ -151,6 +151,11 @@ class Coordinator:
         self.stats.prefetches_issued += len(plan)
         return plan
 
+    def upcoming_units(self) -> list[int]:
+        """The units the rest of the current pass needs, in order, once each (the trace's
+        prediction; empty when there is none)."""
+        return list(dict.fromkeys(unit for _, unit in self._upcoming()))
+
     def plan_pass_start(self, grad: bool, live_numel: int) -> list[int] | None:
         """Units to gather before a pass of this kind starts (None: no trace yet).
 

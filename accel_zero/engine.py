@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import weakref
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -38,9 +39,18 @@ from accel_zero.config import ZeroConfig
 from accel_zero.coordinator import Coordinator
 from accel_zero.grads import ReduceBuckets, UnitGrads
 from accel_zero.hooks import HookContext, HookDriver
-from accel_zero.partition import BufferPool, ParamSlot, Unit, UnitState, copy_out_rows, full_rows
+from accel_zero.offload.engine_offload import EngineOffload
+from accel_zero.partition import (
+    BufferPool,
+    ParamSlot,
+    Unit,
+    UnitState,
+    copy_out_rows,
+    full_rows,
+    same_device,
+)
 from accel_zero.shards import RowShard, ShardReader
-from accel_zero.tracer import MemoryTracer
+from accel_zero.tracer import Kind, MemoryTracer
 
 logger = logging.getLogger(__name__)
 
@@ -62,14 +72,6 @@ class EngineContext:
     precision); None keeps theirs."""
     reduce_dtype: torch.dtype
     """Dtype gradients are reduced in."""
-
-
-def _same_device(a: torch.device, b: torch.device) -> bool:
-    """``cpu`` and ``cpu:0`` (or ``cuda`` and ``cuda:0``) are one device to us; torch's ``==``
-    says they differ, which replaced every parameter of a CPU model (losing its identity)."""
-    if a.type != b.type:
-        return False
-    return a.index is None or b.index is None or a.index == b.index
 
 
 def _is_dtensor(t: torch.Tensor) -> bool:
@@ -105,12 +107,6 @@ class Engine:
     """Partitioned parameters, gradient reduction and prefetch for one model."""
 
     def __init__(self, model: nn.Module, config: ZeroConfig, ctx: EngineContext) -> None:
-        if config.offload_param.device != "none":
-            raise NotImplementedError(
-                "zero_config.offload_param.device="
-                f"{config.offload_param.device!r} is parsed but not implemented yet; "
-                "set it to 'none'"
-            )
         self.model = model
         self.config = config
         self.ctx = ctx
@@ -125,6 +121,12 @@ class Engine:
         self.unit_grads: list[UnitGrads] = []
         self.slot_of: dict[int, tuple[int, int]] = {}
         """id(parameter) -> (unit index, slot index), for original and current objects."""
+        self.offload: EngineOffload | None = None
+        """Swapped optimizer state and parameters (NVMe); None when nothing is on disk."""
+        self.master_device = (
+            torch.device("cpu") if config.offload_optimizer.device != "none" else ctx.device
+        )
+        """Where in-memory fp32 masters live: host memory under optimizer offload."""
         module_units, pass_units = self._build()
         self.coordinator = Coordinator(
             [u.full_numel for u in self.units],
@@ -150,6 +152,7 @@ class Engine:
                 comm=self.comm,
                 stage=self.stage,
                 tracer=ctx.tracer,
+                offload=self.offload,
             )
         )
         self.hooks.install()
@@ -160,6 +163,11 @@ class Engine:
 
         self.hooks.handles.append(model.register_state_dict_post_hook(state_dict_guard))
         self._install_zero_grad()
+        # Swap files go when the engine does (garbage collection or interpreter exit) if
+        # nobody closed it first (Accelerator.end_training does).
+        self._close_offload = weakref.finalize(
+            self, self.offload.close if self.offload is not None else (lambda: None)
+        )
         ctx.tracer.mark("prepared")
 
     @property
@@ -234,19 +242,35 @@ class Engine:
             groups.append((self.model, "<persistent>", persistent, False))
 
         module_units: dict[int, tuple[nn.Module, list[Unit]]] = {}
-        new_for: dict[int, nn.Parameter] = {}
         for module, name, params, is_resharded in groups:
             by_dtype: dict[tuple[torch.dtype, torch.dtype], list[tuple[str, nn.Parameter]]] = {}
             for fqn, p in params:
                 key = (self._compute_dtype(p, is_resharded), p.dtype)
                 by_dtype.setdefault(key, []).append((fqn, p))
             for (dtype, _), members in by_dtype.items():
-                unit = self._make_unit(module, name, dtype, members, is_resharded, world)
-                # Finish each unit before building the next, so a model built eagerly is
-                # freed unit by unit as its masters fill (peak: model + one unit).
-                self._finalize_unit(unit, new_for)
+                unit = self._new_unit(module, name, dtype, members, is_resharded, world)
                 if name != "<persistent>":
                     module_units.setdefault(id(module), (module, []))[1].append(unit)
+        # Swap records are planned from the shapes, before any rows are loaded.
+        self.offload = EngineOffload.create(
+            config=self.config, units=self.units, comm=self.comm, tracer=self.ctx.tracer
+        )
+        new_for: dict[int, nn.Parameter] = {}
+        try:
+            for unit in self.units:
+                # Finish each unit before loading the next, so a model built eagerly is
+                # freed unit by unit as its masters fill (peak: model + one unit).
+                self._fill_unit(unit)
+                self._finalize_unit(unit, new_for)
+            if self.offload is not None and self.offload.optimizer is not None:
+                if self.offload.optimizer.masters_on_disk:
+                    self.offload.optimizer.finish_setup()
+                else:
+                    self.offload.optimizer.write_zero_moments()
+        except BaseException:
+            if self.offload is not None:
+                self.offload.close()
+            raise
         if new_for:
             for module in self.model.modules():
                 for pname, old in list(module._parameters.items()):
@@ -266,7 +290,7 @@ class Engine:
             return self.ctx.param_dtype
         return p.dtype
 
-    def _make_unit(
+    def _new_unit(
         self,
         module: nn.Module,
         name: str,
@@ -275,6 +299,7 @@ class Engine:
         resharded: bool,
         world: int,
     ) -> Unit:
+        """The unit and its slots (nothing loaded yet)."""
         slots: list[ParamSlot] = []
         offset = 0
         for fqn, p in members:
@@ -296,6 +321,7 @@ class Engine:
             slots.append(slot)
             offset += slot.shard_numel
         index = len(self.units)
+        nvme = self.config.offload_optimizer.device == "nvme"
         unit = Unit(
             index=index,
             name=f"{name}[{index}]" if name.startswith("<") else name,
@@ -306,24 +332,52 @@ class Engine:
             resharded=resharded,
             tracer=self.ctx.tracer,
             pool=self.pool,
-            flat_master=resharded or any(s.orig_dtype != torch.float32 for s in slots),
+            flat_master=(resharded and not nvme)
+            or any(s.orig_dtype != torch.float32 for s in slots),
+            master_device=self.master_device,
         )
         for i, slot in enumerate(slots):
             self.slot_of[id(slot.param)] = (index, i)
-        if unit.master is not None:
-            for slot in slots:
-                self._load_slot(unit, slot, unit.master)
-            # A resharded unit's master *is* its parameter shard; a replicated unit keeps it
-            # beside whole parameters, as optimizer state (see [Note: masters and precision]).
-            self.ctx.tracer.add_tensor("params" if resharded else "optimizer_state", unit.master)
         self.units.append(unit)
         # Whole gradients (DDP's) where the parameters are whole and it costs nothing to keep
         # them: ZeRO-1, and ZeRO-3's small persistent parameters. See grads.py.
         whole = self.stage == 1 or (self.stage == 3 and not resharded)
-        self.unit_grads.append(
-            UnitGrads(unit, self.ctx.reduce_dtype, self.ctx.tracer, all_reduce=whole)
-        )
+        grads = UnitGrads(unit, self.ctx.reduce_dtype, self.ctx.tracer, all_reduce=whole)
+        grads.acc_device = self.master_device
+        self.unit_grads.append(grads)
         return unit
+
+    def _fill_unit(self, unit: Unit) -> None:
+        """Load this rank's rows into the unit's masters: in memory, or into the swap records
+        (then only the compute-dtype working shard stays, or goes to disk too)."""
+        tracer = self.ctx.tracer
+        if unit.master is not None:
+            for slot in unit.slots:
+                self._load_slot(unit, slot, unit.master)
+            off_device = not same_device(unit.master.device, unit.device)
+            if unit.resharded and off_device:
+                unit.working = unit.master.to(device=unit.device, dtype=unit.dtype)
+                tracer.add_tensor("params", unit.working)
+            # A resharded unit's master *is* its parameter shard; a replicated unit keeps it
+            # beside whole parameters, as optimizer state (see [Note: masters and precision]),
+            # and so is a master moved to the host by optimizer offload.
+            kind: Kind = "params" if unit.resharded and not off_device else "optimizer_state"
+            tracer.add_tensor(kind, unit.master)
+            return
+        if not unit.resharded:
+            return  # masters are the whole parameters' rows (made whole in _finalize_unit)
+        assert self.offload is not None and self.offload.optimizer is not None
+        master = torch.zeros(unit.numel, dtype=torch.float32)
+        for slot in unit.slots:
+            self._load_slot(unit, slot, master)
+        self.offload.optimizer.add_initial_masters(unit.index, master)
+        if self.offload.params is not None:
+            self.offload.params.write_initial(unit.index, master.to(unit.dtype))
+            unit.param_source = self.offload.params
+        else:
+            unit.working = master.to(device=unit.device, dtype=unit.dtype)
+            tracer.add_tensor("params", unit.working)
+        del master
 
     def _source_rows(self, slot: ParamSlot) -> torch.Tensor:
         """This rank's real rows of the parameter as built (plain or lazily built DTensor)."""
@@ -375,7 +429,7 @@ class Engine:
         for i, slot in enumerate(unit.slots):
             old = slot.param
             self._original_params[id(old)] = old
-            if _is_dtensor(old) or not _same_device(old.device, unit.device):
+            if _is_dtensor(old) or not same_device(old.device, unit.device):
                 new = nn.Parameter(unit.placeholder(slot), requires_grad=old.requires_grad)
                 new_for[id(old)] = new
                 self.replaced[id(old)] = new
@@ -415,10 +469,16 @@ class Engine:
         model.__dict__["zero_grad"] = zero_grad
 
     def remove(self) -> None:
-        """Detach the engine from the model (hooks and the ``zero_grad`` override)."""
+        """Detach the engine from the model (hooks and the ``zero_grad`` override) and remove
+        its swap files."""
         self.hooks.invalidate()
         self.hooks.remove()
         self.model.__dict__.pop("zero_grad", None)
+        self.close()
+
+    def close(self) -> None:
+        """Remove the swap files (idempotent); the engine cannot step afterwards."""
+        self._close_offload()
 
     # ------------------------------------------------------------ state guard
     def _sharded_now(self) -> list[str]:
@@ -441,6 +501,15 @@ class Engine:
                 "every rank, or read them inside `with accelerator.gathered_parameters(model):`."
             )
 
+    def unit_master(self, unit: Unit) -> torch.Tensor | None:
+        """The unit's flat fp32 masters: in memory, or read back from NVMe (a fresh tensor);
+        None for replicated fp32 units (their masters are the parameters' rows)."""
+        if unit.master is not None:
+            return unit.master
+        if self.offload is not None and self.offload.swaps_masters(unit):
+            return self.offload.read_masters(unit)
+        return None
+
     @contextlib.contextmanager
     def gathered_parameters(self) -> Iterator[None]:
         """Every parameter full on every rank, in its own dtype (fp32 masters), inside the
@@ -448,7 +517,8 @@ class Engine:
         if self.coordinator.in_pass:
             raise RuntimeError("gathered_parameters() cannot be used inside forward/backward")
         for unit in self.units:
-            unit.gather_full_precision()
+            if unit.resharded:
+                unit.gather_full_precision(self.unit_master(unit))
         try:
             yield
         finally:
@@ -484,6 +554,8 @@ class Engine:
         for unit in self.units:
             for slot in unit.slots:
                 slot.param.grad = None
+        if self.offload is not None and self.offload.optimizer is not None:
+            self.offload.optimizer.zero_grad()
         self.hooks.backward_done = False
 
     def _check_grad_window(self, what: str) -> None:
@@ -508,11 +580,21 @@ class Engine:
             )
         return hit
 
+    def _check_not_swapped(self, unit: Unit, what: str) -> None:
+        if self.offload is not None and self.offload.swaps_grads(unit):
+            raise RuntimeError(
+                f"accel_zero rank {self.comm.rank}: {what}: with offload_optimizer nvme the "
+                "gradient shards are written to disk as backward produces them; use "
+                "accelerator.get_grad_norms(model) (kept from that pass), or offload_optimizer "
+                "cpu to read them"
+            )
+
     def local_grad(self, param: torch.Tensor) -> torch.Tensor | None:
         """This rank's rows of ``param``'s averaged gradient (fp32 or the parameter's dtype
         in ZeRO-1), as a view; None if it got no gradient. Local, no communication."""
         self._check_grad_window("local_grad")
         unit, i = self._slot_of_param(param, "local_grad")
+        self._check_not_swapped(unit, "local_grad")
         return self.unit_grads[unit.index].slot_grad(i)
 
     def full_grad(self, param: torch.Tensor) -> torch.Tensor | None:
@@ -520,6 +602,7 @@ class Engine:
         every rank must call it for the same parameter). None if it got no gradient."""
         self._check_grad_window("full_grad")
         unit, i = self._slot_of_param(param, "full_grad")
+        self._check_not_swapped(unit, "full_grad")
         grads = self.unit_grads[unit.index]
         slot = unit.slots[i]
         if grads.all_reduce:
@@ -561,7 +644,15 @@ class Engine:
                     seen.add((unit.index, i))
                     slots.append((unit, i))
         names, squares = [], []
+        swapped = (
+            self.offload.optimizer.grad_stats if self.offload and self.offload.optimizer else {}
+        )
         for unit, i in slots:
+            stats = swapped.get((unit.index, i))
+            if stats is not None:
+                names.append(unit.slots[i].fqn)
+                squares.append(stats.norm2.float() ** 2)
+                continue
             g = self.unit_grads[unit.index].slot_grad(i)
             if g is None:
                 continue
@@ -581,6 +672,8 @@ class Engine:
         pending = []
         for index in sorted(units):
             unit = self.units[index]
+            if unit.working is not None and unit.master is not None:
+                unit.working.copy_(unit.master, non_blocking=True)  # host master -> device
             if not unit.resharded:
                 unit.refresh_full(async_op=True)
                 pending.append(unit)
@@ -606,6 +699,7 @@ class Engine:
             "bytes_reduced": comm.bytes.get("reduce_scatter", 0) + comm.bytes.get("all_reduce", 0),
             "collective_calls": dict(comm.calls),
             "comm_wait_seconds": comm.wait_seconds,
+            **(self.offload.stats() if self.offload is not None else {}),
         }
 
     # -------------------------------------------------------------- export
@@ -623,10 +717,11 @@ class Engine:
         for unit in self.units:
             chunk: dict[str, torch.Tensor] = {}
             if unit.resharded:
-                assert unit.master is not None
+                master = self.unit_master(unit)
+                assert master is not None
                 out = torch.empty(world * unit.numel, dtype=torch.float32, device=unit.device)
                 self.comm.all_gather(
-                    out, unit.master, what=f"all_gather of unit {unit.name} for export"
+                    out, master.to(unit.device), what=f"all_gather of unit {unit.name} for export"
                 )
                 if main or not rank0_only:
                     gathered = out.view(world, unit.numel)
@@ -660,7 +755,16 @@ class Engine:
         """This rank's fp32 master rows of every parameter (``<prefix><fqn>``) and the
         persistent buffers (replicated). See accel_zero/shards.py."""
         rank = self.comm.rank
+        offload = self.offload
+        if offload is not None and offload.optimizer is not None:
+            if offload.optimizer.masters_on_disk:
+                names = {(u.index, i): s.fqn for u in self.units for i, s in enumerate(u.slots)}
+                yield from offload.optimizer.iter_shards(
+                    [("master", "master")], lambda key, _: f"{prefix}{names[key]}"
+                )
         for unit in self.units:
+            if offload is not None and offload.swaps_masters(unit):
+                continue  # streamed from the swap records above
             for slot in unit.slots:
                 rows = unit.slot_master(slot)
                 if rows.dtype != torch.float32:  # replicated non-fp32 parameters are masters
@@ -701,15 +805,40 @@ class Engine:
             shapes[f"{prefix}{key}"] = tuple(buf.shape)
         return shapes
 
+    def _refresh_working_shards(self) -> None:
+        """Masters changed on disk (a checkpoint): recast every working shard from them."""
+        assert self.offload is not None
+        for unit in self.units:
+            if not self.offload.swaps_masters(unit):
+                continue
+            master = self.offload.read_masters(unit)
+            if unit.working is not None:
+                unit.working.copy_(master)
+            elif self.offload.params is not None:
+                self.offload.params.update(unit.index).copy_(master)
+                self.offload.params.commit(unit.index)
+
     def load_state_shards(self, reader: ShardReader, prefix: str = "model/") -> None:
         """Load masters (this rank's rows, whatever world size wrote them) and buffers, then
         refresh whole parameters. Raises ValueError naming a missing or mismatched key."""
         self.hooks.invalidate()
         rank = self.comm.rank
+        offload = self.offload
         for unit in self.units:
             for slot in unit.slots:
+                _expect_shape(reader, f"{prefix}{slot.fqn}", tuple(slot.shape))
+        if offload is not None and offload.optimizer is not None:
+            if offload.optimizer.masters_on_disk:
+                names = {(u.index, i): s.fqn for u in self.units for i, s in enumerate(u.slots)}
+                offload.optimizer.load_shards(
+                    reader, [("master", "master")], lambda key, _: f"{prefix}{names[key]}"
+                )
+                self._refresh_working_shards()
+        for unit in self.units:
+            if offload is not None and offload.swaps_masters(unit):
+                continue
+            for slot in unit.slots:
                 key = f"{prefix}{slot.fqn}"
-                _expect_shape(reader, key, tuple(slot.shape))
                 start, n = slot.row_start(rank), slot.local_rows(rank)
                 with torch.no_grad():
                     if unit.master is not None:

@@ -38,8 +38,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +50,8 @@ _PARAM = 4  # parameters (and their masters) are fp32 whatever the compute dtype
 _ADAM = 8  # m + v; the fp32 parameter rows are the masters
 _ADAM_STEP = 4  # torch.optim.Adam(W)'s per-tensor fp32 step count
 _GRAD = 4  # gradients are reduced into fp32
+KIND_NAMES = ("params", "grads", "optimizer_state")
+PLACES = ("device", "cpu", "nvme")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -90,6 +92,9 @@ class StateEstimate:
     """Bytes in host memory."""
     nvme_bytes: int
     """Bytes on NVMe."""
+    by_place: Mapping[tuple[str, str], int] = field(default_factory=dict)
+    """Bytes per (kind, place): kind is params / grads / optimizer_state (the tracer's
+    names), place device / cpu / nvme."""
 
     @property
     def total_bytes(self) -> int:
@@ -110,46 +115,89 @@ def estimate(
     world_size: int,
     mixed_precision: str = "bf16",
     param_persistence_threshold: int = 100_000,
+    host_is_device: bool = False,
 ) -> list[StateEstimate]:
-    """Estimates for stages 1/2/3 × offload none/cpu/nvme (+ stage 3 with params on CPU)."""
+    """Estimates for stages 1/2/3 x offload none/cpu/nvme (+ stage 3 with parameters on CPU
+    or NVMe). ``host_is_device``: the compute device is the CPU (no GPU), so host memory
+    and device memory are one, and optimizer offload to ``cpu`` moves nothing."""
     if world_size < 1:
         raise ValueError(f"world_size={world_size} must be >= 1")
     if mixed_precision not in _COMPUTE_BYTES:
         raise ValueError(
             f"mixed_precision={mixed_precision!r} (allowed: {', '.join(_COMPUTE_BYTES)})"
         )
+    compute = _COMPUTE_BYTES[mixed_precision]
     sharded = sum(shard_numel(shape, world_size) for shape in model.shapes)
     full = model.numel
     small = [shape for shape in model.shapes if math.prod(shape) < param_persistence_threshold]
     persistent = sum(math.prod(shape) for shape in small)
+    persistent_shard = sum(shard_numel(shape, world_size) for shape in small)
     # Stage 3: persistent parameters stay whole (their rows are their masters) with whole,
     # all-reduced gradients, as under DDP; the rest is one fp32 shard with an fp32 gradient
     # shard.
-    resharded = sharded - sum(shard_numel(shape, world_size) for shape in small)
+    resharded = sharded - persistent_shard
+    steps = _ADAM_STEP * len(model.shapes)
+    host = "device" if host_is_device else "cpu"
 
     results = []
     settings = [(s, o, "none") for s in (1, 2, 3) for o in ("none", "cpu", "nvme")]
-    settings += [(3, "cpu", "cpu"), (3, "nvme", "cpu")]
+    settings += [(3, "cpu", "cpu"), (3, "nvme", "cpu"), (3, "nvme", "nvme")]
     for stage, off_opt, off_param in settings:
-        params = _PARAM * (resharded + persistent if stage == 3 else full)
-        grads = _GRAD * {1: full, 2: sharded, 3: resharded + persistent}[stage]
-        optimizer = _ADAM * sharded + _ADAM_STEP * len(model.shapes)
-        place = {"device": 0, "cpu": 0, "nvme": 0}
-        place["cpu" if off_param == "cpu" else "device"] += params
-        grads_on_host = off_opt != "none" and stage >= 2
-        place["cpu" if grads_on_host else "device"] += grads
-        place[{"none": "device", "cpu": "cpu", "nvme": "nvme"}[off_opt]] += optimizer
+        b: dict[tuple[str, str], int] = {}
+
+        def put(kind: str, place: str, n: int) -> None:
+            b[(kind, place)] = b.get((kind, place), 0) + n  # noqa: B023 (used at once)
+
+        # Where in-memory masters and optimizer state go (see [Note: masters and
+        # precision] in partition.py and accel_zero/offload/engine_offload.py).
+        state_place = "device" if off_opt == "none" else host
+        moved = off_opt != "none" and not host_is_device
+        if stage == 3:
+            if off_opt == "nvme":
+                put("optimizer_state", "nvme", (_PARAM + _ADAM) * resharded)
+                put("grads", "nvme", _GRAD * resharded)
+                working = {"none": "device", "cpu": host, "nvme": "nvme"}[off_param]
+                put("params", working, compute * resharded)
+                put("optimizer_state", state_place, _ADAM * persistent_shard)
+                put("optimizer_state", state_place, _ADAM_STEP * len(small))
+            else:
+                if moved:  # fp32 master on the host, compute-dtype working shard for gathers
+                    put("optimizer_state", "cpu", _PARAM * resharded)
+                    put("params", "cpu" if off_param == "cpu" else "device", compute * resharded)
+                else:  # the fp32 shard is the master and the gather source
+                    put("params", "device", _PARAM * resharded)
+                put("grads", state_place, _GRAD * resharded)
+                put("optimizer_state", state_place, _ADAM * sharded + steps)
+            put("params", "device", _PARAM * persistent)
+            put("grads", "device", _GRAD * persistent)
+            if moved:
+                put("optimizer_state", "cpu", _PARAM * persistent_shard)
+        else:
+            put("params", "device", _PARAM * full)
+            if moved:  # masters: a host copy of this rank's rows
+                put("optimizer_state", "cpu", _PARAM * sharded)
+            if stage == 1:
+                put("grads", "device", _GRAD * full)
+            else:
+                put("grads", state_place, _GRAD * sharded)
+            if off_opt == "nvme":
+                put("optimizer_state", "nvme", _ADAM * sharded)  # steps are counters, not state
+            else:
+                put("optimizer_state", state_place, _ADAM * sharded + steps)
+        total = {kind: sum(v for (k, _), v in b.items() if k == kind) for kind in KIND_NAMES}
+        where = {place: sum(v for (_, pl), v in b.items() if pl == place) for place in PLACES}
         results.append(
             StateEstimate(
                 stage=stage,
                 offload_optimizer=off_opt,
                 offload_param=off_param,
-                param_bytes=params,
-                grad_bytes=grads,
-                optimizer_bytes=optimizer,
-                device_bytes=place["device"],
-                cpu_bytes=place["cpu"],
-                nvme_bytes=place["nvme"],
+                param_bytes=total["params"],
+                grad_bytes=total["grads"],
+                optimizer_bytes=total["optimizer_state"],
+                device_bytes=where["device"],
+                cpu_bytes=where["cpu"],
+                nvme_bytes=where["nvme"],
+                by_place=dict(b),
             )
         )
     return results
@@ -180,6 +228,13 @@ def shapes_from_module(module: Any, *, name: str = "model") -> ModelShapes:
 
 def shapes_from_hf_config(path: str | Path) -> ModelShapes:
     """Build a transformers model from its config on the meta device (no weights, no RAM)."""
+    model = meta_model_from_hf_config(path)
+    return shapes_from_module(model, name=f"{type(model).__name__} from {path}")
+
+
+def meta_model_from_hf_config(path: str | Path) -> Any:
+    """A transformers model built from a config.json (or a folder holding one) on the meta
+    device: the saved architecture, else a causal LM, else the base model."""
     import torch
     import transformers
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
@@ -197,13 +252,11 @@ def shapes_from_hf_config(path: str | Path) -> ModelShapes:
     model_class = getattr(transformers, architectures[0], None) if architectures else None
     with torch.device("meta"):
         if model_class is not None:
-            model = model_class(config)
-        else:
-            try:
-                model = AutoModelForCausalLM.from_config(config)
-            except ValueError:  # not a causal LM architecture
-                model = AutoModel.from_config(config)
-    return shapes_from_module(model, name=f"{type(model).__name__} from {path}")
+            return model_class(config)
+        try:
+            return AutoModelForCausalLM.from_config(config)
+        except ValueError:  # not a causal LM architecture
+            return AutoModel.from_config(config)
 
 
 def human_bytes(n: float) -> str:

@@ -28,12 +28,13 @@ units left at the end of backward are flushed in unit order.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from accel_zero.comm import PendingWork
-from accel_zero.partition import BufferPool, Unit, copy_in_rows, full_rows
+from accel_zero.partition import BufferPool, Unit, copy_in_rows, full_rows, same_device
 from accel_zero.tracer import MemoryTracer, nbytes
 
 __all__ = ["ReduceBuckets", "UnitGrads"]
@@ -83,6 +84,12 @@ class UnitGrads:
         self._pending: tuple[_Bucket, torch.Tensor] | None = None
         self._traced = 0
         """All-reduce mode: bytes of whole gradients reported to the tracer."""
+        self.acc_device: torch.device | None = None
+        """Where the accumulator lives (host memory under optimizer offload); None: where
+        the reduction ran."""
+        self.sink: Callable[[int, torch.Tensor, list[bool]], None] | None = None
+        """Set for one synchronising backward when the shard goes to disk (offload nvme):
+        receives (unit index, final averaged shard, had_grad) and the shard is dropped."""
 
     def begin_backward(self) -> None:
         self.ready = 0
@@ -142,6 +149,8 @@ class UnitGrads:
         # Reduce-scatter: the bucket's input is dead once the collective is done.
         bucket.done_with()
         shard = out.float() if out.dtype != torch.float32 else out
+        if self.acc_device is not None and not same_device(shard.device, self.acc_device):
+            shard = shard.to(self.acc_device)  # optimizer offload: the step runs on the host
         if self.reduce_dtype == torch.float32 and world > 1:
             shard.div_(world)
         if self.acc is None:
@@ -149,6 +158,10 @@ class UnitGrads:
             self.tracer.add_tensor("grads", self.acc)
         else:
             self.acc.add_(shard)
+        if self.sink is not None:
+            self.sink(self.unit.index, self.acc, self.had_grad)
+            self.tracer.sub_tensor("grads", self.acc)
+            self.acc = None
 
     def _finish_all_reduce(self, out: torch.Tensor, world: int) -> None:
         scale = 1.0 / world if self.reduce_dtype == torch.float32 and world > 1 else 1.0
@@ -205,6 +218,11 @@ class ReduceBuckets:
     every rank.
     """
 
+    max_in_flight = 2
+    """Buckets whose collective may be in flight at once: sending another first finishes the
+    oldest, so reduce buffers (4 bytes per parameter of the unit) do not pile up until the
+    end of backward, while two keep the network busy during the compute that follows."""
+
     def __init__(
         self, bucket_size: int, reduce_dtype: torch.dtype, async_op: bool, pool: BufferPool
     ) -> None:
@@ -214,6 +232,7 @@ class ReduceBuckets:
         self.async_op = async_op
         self._open: dict[bool, list[UnitGrads]] = {False: [], True: []}
         self._numel: dict[bool, int] = {False: 0, True: 0}
+        self._in_flight: list[list[UnitGrads]] = []
 
     def add(self, grads: UnitGrads) -> None:
         kind = grads.all_reduce
@@ -275,3 +294,16 @@ class ReduceBuckets:
         if not self.async_op:
             for g in members:
                 g.finish()
+            return
+        self._in_flight.append(members)
+        while len(self._in_flight) > self.max_in_flight:
+            for g in self._in_flight.pop(0):
+                g.finish()
+
+    def drain(self) -> None:
+        """Send what is open and take every result (the end of backward)."""
+        self.flush()
+        for members in self._in_flight:
+            for g in members:
+                g.finish()
+        self._in_flight.clear()

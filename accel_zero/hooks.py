@@ -38,7 +38,7 @@ import hashlib
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -49,6 +49,9 @@ from accel_zero.coordinator import Coordinator, Phase
 from accel_zero.grads import ReduceBuckets, UnitGrads
 from accel_zero.partition import Unit, UnitState
 from accel_zero.tracer import MemoryTracer
+
+if TYPE_CHECKING:
+    from accel_zero.offload.engine_offload import EngineOffload
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +74,9 @@ class HookContext:
     comm: Comm
     stage: int
     tracer: MemoryTracer
+    offload: EngineOffload | None = None
+    """Swapped optimizer state / parameters: gradients go to disk at a synchronising
+    backward, parameter records are read ahead of their gathers."""
 
 
 def _tensors_requiring_grad(obj: Any) -> list[torch.Tensor]:
@@ -217,7 +223,7 @@ class HookDriver:
             coord = self.ctx.coordinator
             for unit in units:
                 if not coord.keep_gathered(unit.index, self.live_numel()):
-                    unit.release()
+                    unit.release(in_pass=True)
             if torch.is_grad_enabled():
                 tensors = _tensors_requiring_grad(output)
                 if tensors:
@@ -240,8 +246,17 @@ class HookDriver:
             self._live_units(), self._in_flight_units(), self.live_numel()
         ):
             ctx.units[index].start_gather()
+        self._read_ahead()
         for unit in units:
             unit.finish_gather()
+
+    def _read_ahead(self) -> None:
+        """Parameters on NVMe: start reading the records of the units the trace needs after
+        those already gathering (as many as free swap buffers allow)."""
+        params = self.ctx.offload.params if self.ctx.offload is not None else None
+        if params is not None:
+            busy = self._live_units() | self._in_flight_units()
+            params.prefetch([u for u in self.ctx.coordinator.upcoming_units() if u not in busy])
 
     def prefetch_next_pass(self, *, grad: bool) -> None:
         """Start gathering what the next pass of this kind needs first.
@@ -263,6 +278,8 @@ class HookDriver:
         """Drop every gathered or in-flight unit (the masters are about to change or did)."""
         for unit in self.ctx.units:
             unit.release()
+        if self.ctx.offload is not None and self.ctx.offload.params is not None:
+            self.ctx.offload.params.drop_prefetches()
 
     # ---------------------------------------------------------------- backward
     def _queue_end_of_backward(self) -> None:
@@ -271,8 +288,13 @@ class HookDriver:
         self._callback_queued = True
         self.in_backward = True
         self.ctx.tracer.mark("backward")
+        offload = self.ctx.offload
+        # [Note: swapped gradients] in offload/swapped.py: only at a synchronising backward.
+        sink = offload.optimizer.take_grads if offload and offload.optimizer else None
         for grads in self.ctx.unit_grads:
             grads.begin_backward()
+            swaps = sink is not None and offload is not None and offload.swaps_grads(grads.unit)
+            grads.sink = sink if swaps and not self.no_sync else None
         torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
 
     def _pre_backward(self, units: list[Unit]) -> None:
@@ -299,7 +321,7 @@ class HookDriver:
         ctx.buckets.add(ctx.unit_grads[index])
         if unit.resharded and unit not in ctx.pass_units:
             if not ctx.coordinator.keep_gathered(index, self.live_numel()):
-                unit.release()
+                unit.release(in_pass=True)
 
     def _end_of_backward(self) -> None:
         ctx = self.ctx
@@ -309,9 +331,13 @@ class HookDriver:
         for index, grads in enumerate(ctx.unit_grads):
             if self._unit_ran(index) and not self._skip_reduction(index):
                 ctx.buckets.add(grads)
-        ctx.buckets.flush()
+        ctx.buckets.drain()
         for grads in ctx.unit_grads:
-            grads.finish()
+            grads.sink = None
+        offload = ctx.offload
+        if offload is not None and offload.optimizer is not None and offload.optimizer.grad_space:
+            if not self.no_sync:
+                offload.optimizer.end_of_backward()
         # A unit accumulating locally must still be reduced at the synchronising backward,
         # even if it does not run in that micro-batch ("sometimes" modules).
         self.ran_units = {i for i in self.ran_units if self._skip_reduction(i)}
@@ -326,7 +352,7 @@ class HookDriver:
         events = ctx.coordinator.end_pass()
         self._check_order(events)
         for unit in ctx.units:
-            unit.release()
+            unit.release()  # and back to the user's dtype: [Note: placeholder dtype]
 
     def _check_order(self, events: Sequence[tuple[object, int]]) -> None:
         """All ranks ran the same units in the same order this pass (ZeRO-3), or a clear error."""

@@ -11,6 +11,15 @@ user's optimizer on them, then lets the engines re-gather what they keep whole.
 fp16: dynamic loss scaling; the overflow decision is one all-reduce (MAX) of
 a local flag, so every rank skips the same step. ``clip_grad_norm_`` is the
 norm over all shards with one all-reduce.
+
+Optimizer offload (DESIGN D6): with ``offload_optimizer: cpu`` the masters and state are
+in host memory and Adam/AdamW steps run in the CPU Adam kernel (other optimizer classes
+step through torch); with ``nvme`` the state of the units an engine swaps lives in swap
+records and is stepped there (accel_zero/offload/swapped.py): those entries have no
+master tensor in the user's optimizer (an empty placeholder keeps its param groups
+intact for schedulers), and their gradients may be on disk, so clipping and the fp16
+check use the statistics noted when they were written, and the clip coefficient and
+inverse loss scale are applied by the kernel as it reads them back.
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from accel_zero.config import LossScaleConfig
+from accel_zero.offload.adam import AdamHyper, adam_hyper, adam_step
 from accel_zero.shards import RowShard, ShardReader
 from accel_zero.tracer import nbytes
 
@@ -88,6 +98,15 @@ class _Entry:
     unit: Unit
     slot: int
     master: torch.Tensor
+    """This rank's fp32 rows (in memory), or an empty placeholder when they are swapped."""
+    swapped: bool = False
+    """The optimizer state lives in the engine's swap records (offload nvme)."""
+    group: int = 0
+    """Index of its param group in the user's optimizer."""
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return (self.unit.index, self.slot)
 
 
 class ZeroOptimizer:
@@ -102,12 +121,8 @@ class ZeroOptimizer:
     ) -> None:
         if not engines:
             raise ValueError("ZeroOptimizer needs at least one prepared model (engine)")
-        offload = engines[0].config.offload_optimizer.device
-        if offload != "none":
-            raise NotImplementedError(
-                f"zero_config.offload_optimizer.device={offload!r} is parsed but not "
-                "implemented yet; set it to 'none'"
-            )
+        self.offload = engines[0].config.offload_optimizer.device
+        """none | cpu | nvme (``zero_config.offload_optimizer.device``)."""
         self.optimizer = optimizer
         self.engines = engines
         self.comm = engines[0].comm
@@ -120,16 +135,44 @@ class ZeroOptimizer:
         self.entries: list[_Entry] = []
         self._by_param: dict[int, _Entry] = {}
         self._by_master: dict[int, _Entry] = {}
-        self._state_bytes = 0
-        """Optimizer-state bytes last reported to the tracer."""
+        self._state_bytes: dict[str, int] = {}
+        """Optimizer-state bytes last reported to the tracer, per device."""
+        self._swapped_scale = 1.0
+        """Unscale and clip factors owed by gradients on disk (applied by the kernel)."""
         self._repoint(optimizer)
+        self._hyper = [adam_hyper(optimizer, g) for g in optimizer.param_groups]
+        self.fused = self.offload != "none" and all(h is not None for h in self._hyper)
+        """Resident entries step in the CPU Adam kernel (offload with Adam/AdamW)."""
+        if any(e.swapped for e in self.entries) and not self.fused:
+            raise ValueError(
+                f"zero_config.offload_optimizer.device='nvme' steps Adam/AdamW (and "
+                f"accel_zero.CPUAdam, without amsgrad/maximize) in the CPU Adam kernel, record by "
+                f"record; {type(optimizer).__name__} is not one of them. Use "
+                "offload_optimizer.device='cpu' (any torch optimizer) or 'none'."
+            )
+        if self.offload == "cpu" and not self.fused:
+            logger.info(
+                "accel_zero: offload_optimizer cpu: %s steps through torch on the host (the "
+                "CPU Adam kernel computes Adam/AdamW only)",
+                type(optimizer).__name__,
+            )
 
     def _lookup(self, p: torch.Tensor) -> _Entry | None:
         for engine in self.engines:
             hit = engine.lookup(p)
             if hit is not None:
                 unit, slot = hit
-                return _Entry(engine, unit, slot, unit.slot_master(unit.slots[slot]))
+                offload = engine.offload
+                swapped = (
+                    offload is not None
+                    and offload.optimizer is not None
+                    and (unit.resharded or not offload.optimizer.masters_on_disk)
+                )
+                if offload is not None and offload.swaps_masters(unit):
+                    master = torch.empty(0, dtype=torch.float32)  # rows are on disk
+                else:
+                    master = unit.slot_master(unit.slots[slot])
+                return _Entry(engine, unit, slot, master, swapped=swapped)
         return None
 
     def _repoint(self, optimizer: torch.optim.Optimizer) -> None:
@@ -149,6 +192,7 @@ class ZeroOptimizer:
                 if key in by_slot:
                     entry = by_slot[key]
                 else:
+                    entry.group = gi
                     by_slot[key] = entry
                     self.entries.append(entry)
                 self._by_param[id(p)] = entry
@@ -165,8 +209,14 @@ class ZeroOptimizer:
 
     # ---------------------------------------------------------------- gradients
     def _grad(self, e: _Entry) -> torch.Tensor | None:
-        """This rank's rows of the entry's averaged gradient (a view of the real storage)."""
+        """This rank's rows of the entry's averaged gradient (a view of the real storage);
+        None when it got none, or when it is on disk (see ``_swapped_stats``)."""
         return e.engine.unit_grads[e.unit.index].slot_grad(e.slot)
+
+    def _swapped_stats(self, e: _Entry) -> Any:
+        """Norm/finiteness of a gradient written to disk (offload nvme), else None."""
+        swapped = e.engine.offload.optimizer if e.engine.offload is not None else None
+        return swapped.grad_stats.get(e.key) if swapped is not None else None
 
     def _grads(self, entries: Iterable[_Entry] | None = None) -> list[torch.Tensor]:
         out = []
@@ -191,6 +241,8 @@ class ZeroOptimizer:
 
     def _attach_grads(self) -> None:
         for e in self.entries:
+            if e.swapped:
+                continue  # stepped from its swap record
             g = self._grad(e)
             e.master.grad = g if g is None or g.dtype == torch.float32 else g.float()
 
@@ -201,10 +253,12 @@ class ZeroOptimizer:
         targets = self._scale_targets(self.entries)
         if targets:
             torch._foreach_mul_(targets, 1.0 / self.scaler.scale)
+        self._swapped_scale /= self.scaler.scale
         self._unscaled = True
 
     def _found_inf(self) -> bool:
         local = any(not bool(torch.isfinite(g).all()) for g in self._grads())
+        local |= any(not st.finite for e in self.entries if (st := self._swapped_stats(e)))
         flag = torch.tensor([1.0 if local else 0.0], device=self.comm.device)
         self.comm.all_reduce(flag, op="max", what="fp16 overflow check")
         return bool(flag.item() > 0)
@@ -231,6 +285,8 @@ class ZeroOptimizer:
             targets = self._scale_targets(entries)
             if targets:
                 torch._foreach_mul_(targets, coef)
+            if any(self._swapped_stats(e) is not None for e in entries):
+                self._swapped_scale *= float(coef)
         self._clipped = True
         return norm
 
@@ -251,12 +307,21 @@ class ZeroOptimizer:
                 norms.append(None if g is None else torch.linalg.vector_norm(g, norm_type))
                 continue
             rows = self._grad(e)
-            if rows is None:
+            stats = self._swapped_stats(e) if rows is None else None
+            if rows is None and stats is None:
                 norms.append(None)
                 continue
             where.append(len(norms))
             norms.append(None)
-            if math.isinf(norm_type):
+            if stats is not None:  # on disk: the norms noted when it was written
+                if not (math.isinf(norm_type) or norm_type == 2.0):
+                    raise ValueError(
+                        f"clip_grad_norm_(norm_type={norm_type}): with offload_optimizer nvme "
+                        "the gradients are on disk and only the 2-norm and inf-norm are kept"
+                    )
+                local = stats.amax if math.isinf(norm_type) else stats.norm2**norm_type
+            elif math.isinf(norm_type):
+                assert rows is not None
                 local = rows.abs().max() if rows.numel() else torch.zeros((), device=rows.device)
             else:
                 local = torch.linalg.vector_norm(rows, norm_type) ** norm_type
@@ -297,12 +362,23 @@ class ZeroOptimizer:
         self.unscale_()
         if self.auto_clip and not self._clipped:
             self.clip_grad_norm_(None, self.auto_clip)
+        for engine in self.engines:
+            if engine.offload is not None:
+                engine.hooks.invalidate()  # read-ahead parameter records are about to change
         self._attach_grads()
-        result = self.optimizer.step(closure)
+        if self.fused:
+            result = self._fused_step(closure)
+        else:
+            result = self.optimizer.step(closure)
         touched: dict[int, set[int]] = {}
         for e in self.entries:
             if e.master.grad is not None:
                 touched.setdefault(id(e.engine), set()).add(e.unit.index)
+        for engine in self.engines:
+            swapped = engine.offload.optimizer if engine.offload is not None else None
+            if swapped is not None:
+                units = self._swapped_step(engine)
+                touched.setdefault(id(engine), set()).update(units)
         for engine in self.engines:
             units = touched.get(id(engine), set())
             if units:
@@ -311,8 +387,81 @@ class ZeroOptimizer:
             e.master.grad = None
         self._unscaled = False
         self._clipped = False
+        self._swapped_scale = 1.0
         self.trace_state()
         return result
+
+    def _adam(self, group: int) -> AdamHyper:
+        hyper = adam_hyper(self.optimizer, self.optimizer.param_groups[group])
+        assert hyper is not None
+        return hyper
+
+    def _fused_step(self, closure: Any = None) -> Any:
+        """The resident entries' Adam step in the CPU Adam kernel, with torch's state layout
+        (``step``, ``exp_avg``, ``exp_avg_sq``) so checkpoints and torch can take over."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for gi, group in enumerate(self.optimizer.param_groups):
+            params, grads, ms, vs, steps = [], [], [], [], []
+            for master in group["params"]:
+                if master.grad is None:
+                    continue
+                state = self.optimizer.state[master]
+                if not state:
+                    state["step"] = torch.tensor(0.0)
+                    state["exp_avg"] = torch.zeros_like(master)
+                    state["exp_avg_sq"] = torch.zeros_like(master)
+                state["step"] += 1
+                params.append(master)
+                grads.append(master.grad)
+                ms.append(state["exp_avg"])
+                vs.append(state["exp_avg_sq"])
+                steps.append(int(state["step"].item()))
+            if params:
+                adam_step(params, grads, ms, vs, steps, self._adam(gi))
+        return loss
+
+    def _swapped_step(self, engine: Engine) -> set[int]:
+        """One step of the engine's swapped entries (offload/swapped.py)."""
+        offload = engine.offload
+        assert offload is not None and offload.optimizer is not None
+        entries = {e.key: e for e in self.entries if e.engine is engine and e.swapped}
+        hypers = {gi: self._adam(gi) for gi in {e.group for e in entries.values()}}
+        params = offload.params
+
+        def has_grad(key: tuple[int, int]) -> bool:
+            e = entries.get(key)
+            if e is None:
+                return False
+            grads = engine.unit_grads[key[0]]
+            if self._swapped_stats(e) is not None:
+                return grads.had_grad[key[1]]
+            return grads.slot_grad(key[1]) is not None
+
+        def resident_grad(key: tuple[int, int]) -> torch.Tensor | None:
+            g = engine.unit_grads[key[0]].slot_grad(key[1])
+            return g if g is None or g.dtype == torch.float32 else g.float()
+
+        def copies(key: tuple[int, int]) -> torch.Tensor | None:
+            unit = engine.units[key[0]]
+            if not unit.resharded:
+                return None  # the master is the parameter's rows: updated in place
+            shard = unit.working if unit.working is not None else None
+            if shard is None and params is not None:
+                shard = params.update(unit.index)
+            return None if shard is None else unit.flat_view(unit.slots[key[1]], shard).reshape(-1)
+
+        stepped = offload.optimizer.step(
+            lambda key: hypers[entries[key].group],
+            has_grad,
+            resident_grad,
+            inv_scale=self._swapped_scale,
+            copies=copies,
+            unit_done=params.commit if params is not None else None,
+        )
+        return stepped
 
     def trace_state(self) -> None:
         """Report the optimizer's state bytes (Adam's moments, ...) to the memory tracer.
@@ -320,20 +469,21 @@ class ZeroOptimizer:
         Called after every step, where the optimizer creates its state, so the
         tracer's peaks include it.
         """
-        total = 0
+        totals: dict[str, int] = {}
         seen: set[int] = set()
         for state in self.optimizer.state.values():
             for value in state.values():
                 if isinstance(value, torch.Tensor) and id(value) not in seen:
                     seen.add(id(value))
-                    total += nbytes(value)
+                    totals[value.device.type] = totals.get(value.device.type, 0) + nbytes(value)
         tracer = self.engines[0].ctx.tracer
-        delta = total - self._state_bytes
-        if delta > 0:
-            tracer.add("optimizer_state", self.comm.device, delta)
-        elif delta < 0:
-            tracer.sub("optimizer_state", self.comm.device, -delta)
-        self._state_bytes = total
+        for device in set(totals) | set(self._state_bytes):
+            delta = totals.get(device, 0) - self._state_bytes.get(device, 0)
+            if delta > 0:
+                tracer.add("optimizer_state", device, delta)
+            elif delta < 0:
+                tracer.sub("optimizer_state", device, -delta)
+        self._state_bytes = totals
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         del set_to_none  # shard accumulators are always freed: they are rebuilt by the next reduce
@@ -341,6 +491,7 @@ class ZeroOptimizer:
             engine.zero_grad()
         for e in self.entries:
             e.master.grad = None
+        self._swapped_scale = 1.0
 
     # -------------------------------------------------------------- checkpoints
     def _fqn(self, e: _Entry) -> str:
@@ -350,7 +501,11 @@ class ZeroOptimizer:
         """This rank's rows of every per-parameter optimizer tensor (``<prefix><fqn>/<name>``),
         scalars (Adam's ``step``) replicated. See accel_zero/shards.py."""
         rank = self.comm.rank
+        for engine in self.engines:
+            yield from self._swapped_shards(engine, prefix)
         for e in self.entries:
+            if e.swapped:
+                continue
             slot = e.unit.slots[e.slot]
             for name, value in self.optimizer.state.get(e.master, {}).items():
                 if not isinstance(value, torch.Tensor):
@@ -375,6 +530,50 @@ class ZeroOptimizer:
                         replicated=True,
                     )
 
+    @staticmethod
+    def _slot_names(engine: Engine) -> dict[tuple[int, int], str]:
+        return {(u.index, i): s.fqn for u in engine.units for i, s in enumerate(u.slots)}
+
+    def _swapped_shards(self, engine: Engine, prefix: str) -> Iterator[RowShard]:
+        """The moments of an engine's swapped entries, streamed from the swap records, and
+        their step counts (replicated, as torch's ``step`` tensors)."""
+        swapped = engine.offload.optimizer if engine.offload is not None else None
+        if swapped is None:
+            return
+        fqn = self._slot_names(engine)
+        yield from swapped.iter_shards(
+            [("exp_avg", "exp_avg"), ("exp_avg_sq", "exp_avg_sq")],
+            lambda key, name: f"{prefix}{fqn[key]}/{name}",
+        )
+        if self.comm.rank == 0:
+            for key, step in swapped.steps.items():
+                yield RowShard(
+                    key=f"{prefix}{fqn[key]}/step",
+                    global_shape=(),
+                    row_start=0,
+                    tensor=torch.tensor(float(step)),
+                    replicated=True,
+                )
+
+    def _load_swapped(
+        self, engine: Engine, reader: ShardReader, names: dict[str, list[str]], prefix: str
+    ) -> None:
+        """Moments and step counts of an engine's swapped entries, into its swap records."""
+        swapped = engine.offload.optimizer if engine.offload is not None else None
+        if swapped is None:
+            return
+        fqn = self._slot_names(engine)
+        swapped.load_shards(
+            reader,
+            [("exp_avg", "exp_avg"), ("exp_avg_sq", "exp_avg_sq")],
+            lambda key, name: f"{prefix}{fqn[key]}/{name}",
+        )
+        swapped.steps = {}
+        for key, name in fqn.items():
+            if "step" in names.get(name, []):
+                value = reader.read_rows(f"{prefix}{name}/step", 0, 1)
+                swapped.steps[key] = int(float(value.reshape(-1)[0]))
+
     def meta_state(self) -> dict[str, Any]:
         """JSON-able: each param group's hyper-parameters with its parameters' names, the
         names of each parameter's optimizer tensors, and the loss scaler."""
@@ -389,7 +588,12 @@ class ZeroOptimizer:
                 if isinstance(v, torch.Tensor)
             )
             for e in self.entries
+            if not e.swapped
         }  # fmt: skip
+        for e in self.entries:
+            swapped = e.engine.offload.optimizer if e.engine.offload is not None else None
+            if e.swapped and swapped is not None and swapped.steps.get(e.key, 0):
+                state[self._fqn(e)] = ["exp_avg", "exp_avg_sq", "step"]
         return {
             "optimizer_class": type(self.optimizer).__name__,
             "param_groups": groups,
@@ -417,7 +621,11 @@ class ZeroOptimizer:
         rank = self.comm.rank
         names = meta.get("state", {})
         self.optimizer.state.clear()
+        for engine in self.engines:
+            self._load_swapped(engine, reader, names, prefix)
         for e in self.entries:
+            if e.swapped:
+                continue
             slot = e.unit.slots[e.slot]
             state: dict[str, torch.Tensor] = {}
             for name in names.get(slot.fqn, []):

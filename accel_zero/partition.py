@@ -28,6 +28,10 @@ fp32 *masters*, which are the parameters' storage wherever possible:
   those parameters* (views, no copy) when they are fp32, else a flat fp32
   ``master`` beside them. After a step the rows are all-gathered back.
 The optimizer sees only real rows (``Unit.slot_master``), never the padding.
+With optimizer offload the masters leave the compute device (host memory, or NVMe swap
+records: accel_zero/offload/), and a resharded unit keeps a compute-dtype ``working``
+shard as its gather source instead (with ``offload_param: nvme`` that is on disk too and
+comes through ``param_source``).
 
 [Note: parameter identity]
 Parameters keep their identity: the registered ``nn.Parameter`` objects stay
@@ -35,6 +39,15 @@ in the module (ties and the user's optimizer keep working) and only their
 ``.data`` changes: the full tensor while gathered, an empty tensor while
 sharded. A lazily built model (DTensor parameters) gets plain parameters in
 its place, once, at set-up.
+
+[Note: placeholder dtype]
+Giving ``.data`` another dtype resets a parameter's gradient accumulator
+(torch's ``set_data``). Inside a pass that would split the gradient of a unit
+used twice (released and gathered again between its uses) over two
+accumulators, and the unit would be reduced after its first backward use. So
+between uses *inside* a pass the empty placeholder has the compute dtype, like
+the gathered tensor; only at the end of a pass (``rest``), when no graph holds
+an accumulator, does it go back to the user's dtype.
 """
 
 from __future__ import annotations
@@ -42,7 +55,9 @@ from __future__ import annotations
 import enum
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -55,13 +70,23 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "BufferPool",
     "ParamSlot",
+    "ParamSource",
     "Unit",
     "UnitState",
     "copy_in_rows",
     "copy_out_rows",
     "full_rows",
     "pack_rows",
+    "same_device",
 ]
+
+
+def same_device(a: torch.device, b: torch.device) -> bool:
+    """``cpu`` and ``cpu:0`` (or ``cuda`` and ``cuda:0``) are one device to us; torch's ``==``
+    says they differ (which once replaced every parameter of a CPU model)."""
+    if a.type != b.type:
+        return False
+    return a.index is None or b.index is None or a.index == b.index
 
 
 class BufferPool:
@@ -201,12 +226,22 @@ def full_rows(full: torch.Tensor, slot: ParamSlot, rank: int) -> torch.Tensor:
     return rows[start : start + n]
 
 
+class ParamSource(Protocol):
+    """Where a unit's working shard comes from when it is not in memory (NVMe)."""
+
+    def fetch(self, unit: int) -> torch.Tensor:
+        """The unit's flat compute-dtype shard, valid until ``done``."""
+        ...
+
+    def done(self, unit: int) -> None: ...
+
+
 @dataclass
 class _InFlight:
-    """An issued all-gather: its output, the cast input it reads (if pooled) and the work."""
+    """An issued all-gather: its output, what to do with its input afterwards, the work."""
 
     out: torch.Tensor
-    send: torch.Tensor | None
+    release_send: Callable[[], None] | None
     work: PendingWork
 
 
@@ -231,15 +266,22 @@ class Unit:
     tracer: MemoryTracer
     pool: BufferPool
     flat_master: bool
-    """Keep a flat fp32 master shard (always for resharded units; for replicated units only
-    when their parameters are not fp32)."""
+    """Keep a flat fp32 master shard in memory (resharded units unless their masters are
+    swapped to NVMe; replicated units only when their parameters are not fp32)."""
+    master_device: torch.device | None = None
+    """Where that master lives (host memory under optimizer offload); None: ``device``."""
     master: torch.Tensor | None = field(init=False, default=None)
     """This rank's padded fp32 rows of every slot, flat; None when the masters are views of
-    the replicated fp32 parameters."""
+    the replicated fp32 parameters, or swapped out to NVMe."""
+    working: torch.Tensor | None = field(init=False, default=None)
+    """Compute-dtype copy of the shard, the gather source, when the master is not in this
+    device's memory (optimizer offload); the optimizer step refreshes it."""
+    param_source: ParamSource | None = field(init=False, default=None)
+    """The working shard's home when it is on NVMe (``offload_param: nvme``)."""
     state: UnitState = field(init=False, default=UnitState.SHARDED)
     _gather: _InFlight | None = field(init=False, default=None)
     _full: torch.Tensor | None = field(init=False, default=None)
-    _refresh: tuple[torch.Tensor, torch.Tensor, PendingWork] | None = field(
+    _refresh: tuple[torch.Tensor, Callable[[], None] | None, PendingWork] | None = field(
         init=False, default=None
     )
 
@@ -250,7 +292,8 @@ class Unit:
         self.numel = sum(s.shard_numel for s in self.slots)
         self.full_numel = sum(s.numel for s in self.slots)
         if self.flat_master:
-            self.master = torch.zeros(self.numel, dtype=torch.float32, device=self.device)
+            where = self.master_device or self.device
+            self.master = torch.zeros(self.numel, dtype=torch.float32, device=where)
         if not self.resharded:
             self.state = UnitState.GATHERED
 
@@ -262,6 +305,7 @@ class Unit:
         """The fp32 rows of ``slot`` this rank's optimizer updates (real rows only, a view)."""
         if self.master is not None:
             return self.flat_view(slot, self.master)
+        assert not self.resharded, f"unit {self.name}: its masters are on disk (offload nvme)"
         return full_rows(slot.param.data, slot, self.rank)
 
     def flat_view(self, slot: ParamSlot, flat: torch.Tensor) -> torch.Tensor:
@@ -272,40 +316,52 @@ class Unit:
         return rows[: slot.local_rows(self.rank)]
 
     # ---------------------------------------------------------- gather/release
-    def _send_buffer(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The flat shard to all-gather in ``dtype``: the master itself, or a pooled cast
-        (returned second, to give back once the collective is done)."""
-        if self.master is None:  # replicated fp32 parameters: pack this rank's rows
-            send = self.pool.take(self.numel, dtype, self.device)
+    def _send_buffer(
+        self, dtype: torch.dtype, master: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, Callable[[], None] | None]:
+        """The flat shard to all-gather in ``dtype``, and what to do with it once the
+        collective is done: the working shard or the master itself (nothing), a pooled
+        cast (give it back) or a record read from disk (release it). ``master`` overrides
+        ``self.master`` (masters read back from NVMe)."""
+        master = self.master if master is None else master
+        if dtype == self.dtype:
+            if self.working is not None:
+                return self.working, None
+            if self.param_source is not None:
+                source, index = self.param_source, self.index
+                return source.fetch(index), lambda: source.done(index)
+        pool = self.pool
+        if master is None:  # replicated fp32 parameters: pack this rank's rows
+            send = pool.take(self.numel, dtype, self.device)
             for slot in self.slots:
                 pack_rows(slot.param.data, slot, self.rank, send)
-            return send, send
-        if self.master.dtype == dtype:
-            return self.master, None
-        send = self.pool.take(self.numel, dtype, self.device)
-        send.copy_(self.master)
-        return send, send
+            return send, lambda: pool.give(send)
+        if master.dtype == dtype and same_device(master.device, self.device):
+            return master, None
+        cast = pool.take(self.numel, dtype, self.device)
+        cast.copy_(master, non_blocking=True)
+        return cast, lambda: pool.give(cast)
 
     def start_gather(self) -> None:
         """Issue the all-gather in the compute dtype (asynchronously); idempotent."""
         if self.state is not UnitState.SHARDED:
             return
-        send, owned = self._send_buffer(self.dtype)
+        send, release = self._send_buffer(self.dtype)
         out = self.pool.take(self.comm.world_size * self.numel, self.dtype, self.device)
         self.tracer.add_tensor("gathered_params", out)
         work = self.comm.all_gather(
             out, send, what=f"all_gather of unit {self.name}", async_op=True
         )
-        self._gather = _InFlight(out, owned, work)
+        self._gather = _InFlight(out, release, work)
         self.state = UnitState.GATHERING
 
     def _finish_in_flight(self) -> torch.Tensor:
-        """Wait for the issued gather; give its pooled input back; return its output."""
+        """Wait for the issued gather; release its input; return its output."""
         assert self._gather is not None
         g, self._gather = self._gather, None
         g.work.wait()
-        if g.send is not None:
-            self.pool.give(g.send)
+        if g.release_send is not None:
+            g.release_send()
         return g.out
 
     def finish_gather(self) -> None:
@@ -318,17 +374,19 @@ class Unit:
         self.tracer.sub_tensor("gathered_params", out)
         self.pool.give(out)
 
-    def gather_full_precision(self) -> None:
+    def gather_full_precision(self, master: torch.Tensor | None = None) -> None:
         """Gather the fp32 masters into parameters of their own dtype (``gathered_parameters``,
-        exports): what the user sees, not the compute copy. Synchronous; idempotent when
-        already gathered that way."""
+        exports): what the user sees, not the compute copy. ``master``: this rank's flat
+        masters when they are not in memory (read back from NVMe). Synchronous."""
         if not self.resharded:
             return
         self.release()  # a compute-dtype gather is not what the caller wants
-        assert self.master is not None
+        master = self.master if master is None else master
+        assert master is not None, f"unit {self.name}: no master to gather"
         world = self.comm.world_size
         out = torch.empty(world * self.numel, dtype=torch.float32, device=self.device)
-        self.comm.all_gather(out, self.master, what=f"all_gather of unit {self.name} (fp32)")
+        send = master if same_device(master.device, self.device) else master.to(self.device)
+        self.comm.all_gather(out, send, what=f"all_gather of unit {self.name} (fp32)")
         orig = {s.orig_dtype for s in self.slots}
         self._install_full(out.view(world, self.numel), orig.pop() if len(orig) == 1 else None)
 
@@ -346,9 +404,15 @@ class Unit:
         self._full = full
         self.state = UnitState.GATHERED
 
-    def release(self) -> None:
-        """Drop the full parameters (ZeRO-3 units only); idempotent."""
-        if not self.resharded or self.state is UnitState.SHARDED:
+    def release(self, *, in_pass: bool = False) -> None:
+        """Drop the full parameters (ZeRO-3 units only); idempotent. ``in_pass``: between two
+        uses inside a pass, the placeholder keeps the compute dtype ([Note: placeholder
+        dtype]); else it is the user's dtype."""
+        if not self.resharded:
+            return
+        if self.state is UnitState.SHARDED:
+            if not in_pass:
+                self.rest()
             return
         if self.state is UnitState.GATHERING:
             # A prefetch that was never used: complete it so collectives stay paired.
@@ -356,42 +420,51 @@ class Unit:
             self.tracer.sub_tensor("gathered_params", out)
             self.pool.give(out)
         for slot in self.slots:
-            slot.param.data = self.placeholder(slot)
+            slot.param.data = self.placeholder(slot, compute=in_pass)
         if self._full is not None:
             self.tracer.sub_tensor("gathered_params", self._full)
             self._full = None
         self.state = UnitState.SHARDED
+
+    def rest(self) -> None:
+        """Between passes: a sharded unit's placeholders go back to the user's dtype."""
+        if self.resharded and self.state is UnitState.SHARDED:
+            for slot in self.slots:
+                if slot.param.data.dtype != slot.orig_dtype:
+                    slot.param.data = self.placeholder(slot)
 
     # ------------------------------------------------------ replicated units
     def refresh_full(self, async_op: bool = False) -> None:
         """Re-gather a replicated unit's parameters from every rank's updated rows."""
         assert not self.resharded
         dtype = self.master.dtype if self.master is not None else self.dtype
-        send, owned = self._send_buffer(dtype)
+        send, release = self._send_buffer(dtype)
         out = self.pool.take(self.comm.world_size * self.numel, dtype, self.device)
         work = self.comm.all_gather(
             out, send, what=f"all_gather of updated unit {self.name}", async_op=async_op
         )
-        self._refresh = (out, owned if owned is not None else send, work)
+        self._refresh = (out, release, work)
         if not async_op:
             self.finish_refresh()
 
     def finish_refresh(self) -> None:
         assert self._refresh is not None
-        out, send, work = self._refresh
+        out, release, work = self._refresh
         self._refresh = None
         work.wait()
-        if send is not self.master:
-            self.pool.give(send)
+        if release is not None:
+            release()
         gathered = out.view(self.comm.world_size, self.numel)
         with torch.no_grad():
             for slot in self.slots:
                 copy_out_rows(gathered, slot, self.comm.world_size, slot.param.data)
         self.pool.give(out)
 
-    def placeholder(self, slot: ParamSlot) -> torch.Tensor:
-        """What a sharded parameter holds between uses: empty, in the user's dtype."""
-        return torch.empty(0, dtype=slot.orig_dtype, device=self.device)
+    def placeholder(self, slot: ParamSlot, *, compute: bool = False) -> torch.Tensor:
+        """What a sharded parameter holds between uses: empty, in the user's dtype (or the
+        compute dtype, inside a pass: [Note: placeholder dtype])."""
+        dtype = slot.dtype if compute else slot.orig_dtype
+        return torch.empty(0, dtype=dtype, device=self.device)
 
     def master_bytes(self) -> int:
         return nbytes(self.master) if self.master is not None else 0

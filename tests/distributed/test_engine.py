@@ -397,24 +397,3 @@ def test_rank_failure_names_the_rank(rank_pool: Any) -> None:
 def _no_params_raise_body(rank: int, world: int) -> None:
     accelerator = _accelerator(stage=3)
     accelerator.prepare(nn.ReLU())
-
-
-def _offload_body(rank: int, world: int) -> list[str]:
-    msgs = []
-    for key in ("offload_param", "offload_optimizer"):
-        accelerator = _accelerator(stage=3, **{key: {"device": "cpu"}})
-        model = build_model("gpt2", seed=0)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        try:
-            accelerator.prepare(model, optimizer)
-        except NotImplementedError as exc:
-            msgs.append(str(exc))
-        else:
-            msgs.append("no error")
-    return msgs
-
-
-def test_offload_settings_are_parsed_but_refused_until_implemented(rank_pool: Any) -> None:
-    msgs = run_ranks(_offload_body, 1, timeout=120, pool=rank_pool(1))[0]
-    assert "zero_config.offload_param.device='cpu'" in msgs[0], msgs
-    assert "zero_config.offload_optimizer.device='cpu'" in msgs[1], msgs

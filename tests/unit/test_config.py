@@ -70,9 +70,24 @@ BAD_CONFIGS: list[tuple[str, dict[str, Any], type[Exception], list[str]]] = [
     ),
     (
         "param offload below stage 3",
-        {"stage": 2, "offload_param": {"device": "cpu"}},
+        {"stage": 2, "offload_param": {"device": "cpu"}, "offload_optimizer": {"device": "cpu"}},
         ValueError,
         ["zero_config.offload_param.device", "stage=3"],
+    ),
+    (
+        "param offload without optimizer offload",
+        {"offload_param": {"device": "cpu"}},
+        ValueError,
+        ["zero_config.offload_param.device", "offload_optimizer.device"],
+    ),
+    (
+        "param nvme with optimizer on cpu",
+        {
+            "offload_param": {"device": "nvme", "nvme_path": "/tmp/x"},
+            "offload_optimizer": {"device": "cpu"},
+        },
+        ValueError,
+        ["zero_config.offload_param.device='nvme' needs", "'nvme'"],
     ),
     (
         "negative bucket",
@@ -478,5 +493,5 @@ def test_deepspeed_sub_group_size_and_aio_are_mapped() -> None:
     assert cfg.sub_group_size == 100_000_000
     assert (cfg.aio.block_size, cfg.aio.queue_depth, cfg.aio.threads) == (262144, 8, 2)
     assert cfg.offload_param.device == "nvme" and cfg.offload_param.buffer_count == 6
-    with pytest.raises(ValueError, match="aio.use_gds"):
+    with pytest.raises(ValueError, match=r"aio\.use_gds"):
         ZeroConfig.from_deepspeed({"aio": {"use_gds": True}})

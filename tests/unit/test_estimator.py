@@ -34,7 +34,7 @@ def test_bf16_one_million_params_four_ranks() -> None:
     # stages 1/2 keep the whole 4Ψ parameters (their rows are the masters), stage 1 also
     # DDP's whole 4Ψ gradients.
     rows = estimate(shapes_from_params(1_000_000), world_size=4, mixed_precision="bf16")
-    assert len(rows) == 11
+    assert len(rows) == 12
     s1, s2, s3 = _row(rows, 1, "none"), _row(rows, 2, "none"), _row(rows, 3, "none")
     assert (s1.param_bytes, s1.grad_bytes, s1.optimizer_bytes) == (4_000_000, 4_000_000, 2_000_004)
     assert s1.device_bytes == 10_000_004 and s1.cpu_bytes == 0
@@ -43,20 +43,26 @@ def test_bf16_one_million_params_four_ranks() -> None:
     assert (s3.param_bytes, s3.grad_bytes) == (1_000_000, 1_000_000)
     assert s3.device_bytes == s3.total_bytes == 4_000_004
 
-    # Optimizer on CPU: stage 3 keeps the param shard on the device, grads + state on host.
+    # Optimizer on CPU (a GPU machine): the fp32 master 4S, the gradient shard 4S and Adam's
+    # 8S + 4 go to the host; a bf16 working shard 2S stays on the device for the gathers.
     cpu3 = _row(rows, 3, "cpu")
-    assert (cpu3.device_bytes, cpu3.cpu_bytes, cpu3.nvme_bytes) == (1_000_000, 3_000_004, 0)
+    assert (cpu3.device_bytes, cpu3.cpu_bytes, cpu3.nvme_bytes) == (500_000, 4_000_004, 0)
+    # NVMe: master + Adam moments 12S and the gradient shard 4S on disk (step counts are
+    # counters); only the working shard stays in memory.
     nvme3 = _row(rows, 3, "nvme")
-    assert (nvme3.device_bytes, nvme3.cpu_bytes, nvme3.nvme_bytes) == (
-        1_000_000,
-        1_000_000,
-        2_000_004,
-    )
-    both = _row(rows, 3, "cpu", "cpu")
-    assert (both.device_bytes, both.cpu_bytes) == (0, 4_000_004)
-    # Stage 1 offload moves only the optimizer state: grads stay on the device.
+    assert (nvme3.device_bytes, nvme3.cpu_bytes, nvme3.nvme_bytes) == (500_000, 0, 4_000_000)
+    both = _row(rows, 3, "nvme", "nvme")
+    assert (both.device_bytes, both.cpu_bytes, both.nvme_bytes) == (0, 0, 4_500_000)
+    host_params = _row(rows, 3, "cpu", "cpu")
+    assert (host_params.device_bytes, host_params.cpu_bytes) == (0, 4_500_004)
+    # Stage 1 offload moves masters and Adam's state; DDP's whole gradients stay.
     cpu1 = _row(rows, 1, "cpu")
-    assert (cpu1.device_bytes, cpu1.cpu_bytes) == (8_000_000, 2_000_004)
+    assert (cpu1.device_bytes, cpu1.cpu_bytes) == (8_000_000, 3_000_004)
+    # Without a GPU, host memory is the device's: offload to cpu changes no figure.
+    cpu_only = estimate(
+        shapes_from_params(1_000_000), world_size=4, mixed_precision="bf16", host_is_device=True
+    )
+    assert _row(cpu_only, 3, "cpu").device_bytes == s3.device_bytes
     assert ddp_bytes(shapes_from_params(1_000_000)) == 16_000_000
 
 
