@@ -325,10 +325,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="100000",
         help="Stage-3 params with fewer elements stay whole on every rank (default 100000).",
     )
+    _add_cluster_arguments(parser)
+
+
+def _add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``--cluster`` view's options (accel_zero/cluster.py)."""
+    from accel_zero.cluster import add_cluster_arguments
+
+    add_cluster_arguments(parser)
 
 
 def main(args: argparse.Namespace) -> int:
     """Run ``accel-zero estimate``; prints the table and returns 0."""
+    if getattr(args, "cluster", False):
+        return _cluster_main(args)
     if args.world_size < 1:
         raise SystemExit(f"accel-zero estimate: --world-size={args.world_size} must be >= 1")
     if (args.model is None) == (args.params is None):
@@ -357,3 +367,14 @@ def main(args: argparse.Namespace) -> int:
         format_table(model, rows, world_size=args.world_size, mixed_precision=args.mixed_precision)
     )
     return 0
+
+
+def _cluster_main(args: argparse.Namespace) -> int:
+    """``accel-zero estimate --cluster`` (accel_zero/cluster.py)."""
+    if args.world_size < 1:
+        raise SystemExit(f"accel-zero estimate: --world-size={args.world_size} must be >= 1")
+    if (args.model is None) == (args.params is None):
+        raise SystemExit("accel-zero estimate: give either a model config (path) or --params N")
+    from accel_zero.cluster import cluster_main
+
+    return cluster_main(args)
