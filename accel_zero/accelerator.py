@@ -131,7 +131,11 @@ class Accelerator(accelerate.Accelerator):
                 f"{self.distributed_type}: remove it from the launch config"
             )
         self._zero_tracer = MemoryTracer()
-        self._zero_comm = Comm(timeout=config.timeout, device=self.device)
+        self._zero_comm = Comm(
+            timeout=config.timeout,
+            device=self.device,
+            shard_group_size=config.shard_group_size,  # hybrid sharding builds its groups here
+        )
         self._zero_engines: dict[int, Engine] = {}
         self._zero_optimizers: list[ZeroOptimizer] = []
         self._zero_scaler = (
@@ -147,6 +151,12 @@ class Accelerator(accelerate.Accelerator):
             return mixed
         wanted = _DTYPES[self.zero_config.param_dtype]
         return None if wanted == torch.float32 else wanted
+
+    @property
+    def zero_comm(self) -> Comm:
+        """The process groups engines communicate on (``lazy_init`` shards over its shard
+        group, see [Note: hybrid sharding] in accel_zero/comm.py)."""
+        return self._zero_comm
 
     def zero_engine(self, model: nn.Module) -> Engine:
         """The engine installed on ``model`` by ``prepare``."""
