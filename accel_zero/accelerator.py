@@ -135,7 +135,11 @@ class Accelerator(accelerate.Accelerator):
                 f"{self.distributed_type}: remove it from the launch config"
             )
         self._zero_tracer = MemoryTracer()
-        self._zero_comm = Comm(timeout=config.timeout, device=self.device)
+        self._zero_comm = Comm(
+            timeout=config.timeout,
+            device=self.device,
+            shard_group_size=config.shard_group_size,  # hybrid sharding builds its groups here
+        )
         self._zero_engines: dict[int, Engine] = {}
         self._zero_optimizers: list[ZeroOptimizer] = []
         self._zero_scaler = (
@@ -151,6 +155,12 @@ class Accelerator(accelerate.Accelerator):
             return mixed
         wanted = _DTYPES[self.zero_config.param_dtype]
         return None if wanted == torch.float32 else wanted
+
+    @property
+    def zero_comm(self) -> Comm:
+        """The process groups engines communicate on (``lazy_init`` shards over its shard
+        group, see [Note: hybrid sharding] in accel_zero/comm.py)."""
+        return self._zero_comm
 
     def zero_engine(self, model: nn.Module) -> Engine:
         """The engine installed on ``model`` by ``prepare``."""
@@ -381,11 +391,15 @@ class Accelerator(accelerate.Accelerator):
             barrier=lambda: comm.barrier(what="save_state"),
         ) as save:
             save.write_model_files(engines[0].model)
+            # Under hybrid sharding every replica group holds the same rows: one writes them.
+            writes_rows = comm.replicate_rank == 0
             for i, engine in enumerate(engines):
-                save.write_shards(engine.state_shards(self._state_prefixes(i)[0]))
+                if writes_rows:
+                    save.write_shards(engine.state_shards(self._state_prefixes(i)[0]))
             for i, zero in enumerate(self._zero_optimizers):
                 _, optim_prefix, meta_name = self._state_prefixes(i)
-                save.write_shards(zero.state_shards(optim_prefix))
+                if writes_rows:
+                    save.write_shards(zero.state_shards(optim_prefix))
                 save.write_state(meta_name, zero.meta_state())
             save_accelerator_objects(save, self)
             save.commit(

@@ -449,6 +449,11 @@ class ZeroConfig(_ConfigBase):
     """How the NVMe swapper drives the disk."""
     timeout: float = 1800.0
     """Seconds before a collective or the rendezvous gives up with an error; > 0."""
+    shard_group_size: int | Literal["node"] | None = None
+    """Hybrid sharding (FSDP2's HSDP): shard parameters, gradients and optimizer state within
+    groups of this many consecutive ranks and replicate them across groups; 'node' = the
+    ranks of one machine (LOCAL_WORLD_SIZE); None = all ranks. Must divide the world size
+    (checked when the groups are built, accel_zero/comm.py)."""
 
     @classmethod
     def _normalise(cls, values: dict[str, Any], path: str, *, warn: bool = True) -> dict[str, Any]:
@@ -500,6 +505,9 @@ class ZeroConfig(_ConfigBase):
             values["sub_group_size"], f"{path}.sub_group_size", minimum=1
         )
         out["aio"] = AioConfig._from_mapping(values["aio"], f"{path}.aio")
+        out["shard_group_size"] = _parse_shard_group_size(
+            values["shard_group_size"], f"{path}.shard_group_size"
+        )
 
         offload_param = out["offload_param"]
         offload_opt = out["offload_optimizer"]
@@ -667,6 +675,22 @@ def _parse_units(value: Any, key: str) -> tuple[str, ...] | None:
     if len(set(value)) != len(value):
         raise ConfigValueError(key, f"{key}={list(value)!r} lists a class twice")
     return tuple(value)
+
+
+def _parse_shard_group_size(value: Any, key: str) -> int | str | None:
+    """Hybrid sharding's group: None, a positive int, or 'node' (divisibility of the world
+    size is checked where the world is known, when the groups are built)."""
+    if value is None:
+        return None
+    if isinstance(value, str) and value.strip().lower() == "node":
+        return "node"
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _type_error(key, value, "a positive int (ranks per group), 'node' or null")
+    if value < 1:
+        raise ConfigValueError(
+            key, f"{key}={value!r} must be >= 1 (ranks per group), 'node' or null (all ranks)"
+        )
+    return value
 
 
 # Keys users carry over from DeepSpeed or mistype, with the accel_zero spelling.

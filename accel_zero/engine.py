@@ -393,6 +393,16 @@ class Engine:
                 local = dt.full_tensor()
                 local = local.reshape(slot.rows, slot.row_numel)[slot.row_start(rank) :][:n]
                 got = n
+            elif (dt.device_mesh.size(), dt.device_mesh.get_local_rank()) != (
+                self.comm.world_size,
+                rank,
+            ):
+                raise ValueError(
+                    f"rank {self.comm.global_rank}: parameter {slot.fqn} was built by lazy_init "
+                    f"sharded over {dt.device_mesh.size()} ranks, but the engine shards over "
+                    f"{self.comm.world_size} (zero_config.shard_group_size): build the model "
+                    "inside lazy_init(accelerator) with this accel_zero.Accelerator"
+                )
             if got != n:
                 raise ValueError(
                     f"rank {rank}: parameter {slot.fqn} holds {got} local rows, expected {n} "
@@ -661,7 +671,7 @@ class Engine:
         if not squares:
             return {}
         total = torch.stack(squares).to(self.comm.device)
-        self.comm.all_reduce(total, what="per-parameter gradient norms")
+        self.comm.all_reduce(total, what="per-parameter gradient norms", group="shard")
         return dict(zip(names, total.sqrt().cpu().unbind(), strict=True))
 
     # ------------------------------------------------------------ optimizer
@@ -686,6 +696,27 @@ class Engine:
         return self.ctx.tracer.report()
 
     def stats(self) -> dict[str, object]:
+        """The coordinator's counters and this rank's communication (``zero_stats()``).
+
+        Communication is counted by the engine's ``Comm`` since it was built (set-up
+        gathers included; ``comm.stats.reset()`` starts over), on this rank:
+
+        - ``bytes_gathered``: bytes all-gathered into this rank's outputs (input bytes x
+          group size, its own shard included): forward/backward gathers (compute dtype),
+          the re-gathers of whole parameters after a step (ZeRO-1/2, persistent
+          parameters), ``full_grad`` and exports;
+        - ``bytes_reduced``: bytes this rank passed into reduce-scatters (the whole
+          ``(group, shard)`` gradient buffer in ``reduce_dtype``) and all-reduces (whole
+          gradients; under hybrid sharding the gradient shard across replicas; the clip
+          norm's and per-parameter norms' fp32 vectors, 4 bytes per parameter with rows;
+          the fp16 overflow flag, 4 bytes);
+        - ``bytes_gathered_by_group`` / ``bytes_reduced_by_group``: the same split by
+          group, ``shard`` / ``replicate`` / ``world`` (a plain world has one group,
+          ``world``); see [Note: hybrid sharding] in accel_zero/comm.py;
+        - ``collective_bytes`` / ``collective_calls``: input bytes and calls per key,
+          ``op`` or ``op[group]`` (``all_reduce[replicate]``), as ``CommStats`` names them;
+        - ``groups``: the size of the shard, replicate and world groups.
+        """
         c = self.coordinator.stats
         comm = self.comm.stats
         return {
@@ -695,8 +726,7 @@ class Engine:
             "kept_gathered": c.kept_gathered,
             "trace_invalidations": c.trace_invalidations,
             "traces_recorded": c.traces_recorded,
-            "bytes_gathered": comm.bytes.get("all_gather", 0) * self.comm.world_size,
-            "bytes_reduced": comm.bytes.get("reduce_scatter", 0) + comm.bytes.get("all_reduce", 0),
+            **self.comm.traffic(),  # bytes_gathered, bytes_reduced, per group and per key
             "collective_calls": dict(comm.calls),
             "comm_wait_seconds": comm.wait_seconds,
             **(self.offload.stats() if self.offload is not None else {}),
@@ -712,7 +742,7 @@ class Engine:
         ``dtype`` says otherwise. The last chunk holds the buffers.
         """
         world = self.comm.world_size
-        main = self.comm.rank == 0
+        main = self.comm.global_rank == 0  # hybrid sharding: one main rank, not one per group
         names = _param_names(self.model)
         for unit in self.units:
             chunk: dict[str, torch.Tensor] = {}

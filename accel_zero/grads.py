@@ -141,7 +141,7 @@ class UnitGrads:
         bucket, out = self._pending
         self._pending = None
         bucket.work.wait()
-        world = self.unit.comm.world_size
+        world = self.unit.comm.global_world_size  # averaged over every rank (hybrid: all groups)
         if self.all_reduce:
             self._finish_all_reduce(out, world)
             bucket.done_with()
@@ -255,6 +255,7 @@ class ReduceBuckets:
             return
         first = members[0].unit
         comm, world, device = first.comm, first.comm.world_size, first.device
+        ranks = comm.global_world_size  # gradients average over the world (hybrid sharding)
         names = ", ".join(g.unit.name for g in members)
         if all_reduce:
             total = sum(g.unit.full_numel for g in members)
@@ -263,10 +264,13 @@ class ReduceBuckets:
             for g in members:
                 g.pack(flat[col : col + g.unit.full_numel])
                 col += g.unit.full_numel
-            if self.reduce_dtype != torch.float32 and world > 1:
-                flat.div_(world)  # low-precision sums: divide first so they cannot overflow
+            if self.reduce_dtype != torch.float32 and ranks > 1:
+                flat.div_(ranks)  # low-precision sums: divide first so they cannot overflow
             work = comm.all_reduce(
-                flat, what=f"all_reduce of gradients of {names}", async_op=self.async_op
+                flat,
+                what=f"all_reduce of gradients of {names}",
+                async_op=self.async_op,
+                group="world",  # whole gradients: one all-reduce over every rank
             )
             out = flat
             sizes = [g.unit.full_numel for g in members]
@@ -278,12 +282,16 @@ class ReduceBuckets:
             for g in members:
                 g.pack(flat2d[:, col : col + g.unit.numel])
                 col += g.unit.numel
-            if self.reduce_dtype != torch.float32 and world > 1:
-                flat.div_(world)
+            if self.reduce_dtype != torch.float32 and ranks > 1:
+                flat.div_(ranks)
             # The output is laid out like the input's row: each unit's shard at its column.
             out = torch.empty(total, dtype=self.reduce_dtype, device=device)
             work = comm.reduce_scatter(
-                out, flat, what=f"reduce_scatter of gradients of {names}", async_op=self.async_op
+                out,
+                flat,
+                what=f"reduce_scatter of gradients of {names}",
+                async_op=self.async_op,
+                sum_over="world",  # hybrid sharding: then all-reduced across the replicas
             )
             sizes = [g.unit.numel for g in members]
         bucket = _Bucket(work=work, flat=flat, waiting=len(members), pool=self.pool)

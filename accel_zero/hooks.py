@@ -357,7 +357,7 @@ class HookDriver:
     def _check_order(self, events: Sequence[tuple[object, int]]) -> None:
         """All ranks ran the same units in the same order this pass (ZeRO-3), or a clear error."""
         comm = self.ctx.comm
-        if self.ctx.stage != 3 or not comm.distributed:
+        if self.ctx.stage != 3 or comm.global_world_size == 1:  # spans the world (hybrid too)
             return
         digest = hashlib.blake2b(repr(events).encode(), digest_size=8).digest()
         value = int.from_bytes(digest, "little", signed=True)
@@ -368,7 +368,7 @@ class HookDriver:
                 groups.setdefault(v, []).append(rank)
             mine = groups[value]
             raise RuntimeError(
-                f"accel_zero rank {comm.rank}: ranks ran different modules in this pass "
+                f"accel_zero rank {comm.global_rank}: ranks ran different modules in this pass "
                 f"(ranks {sorted(groups.values())} each agree among themselves; this rank is with "
                 f"{mine}). ZeRO-3 gathers parameters collectively, so every rank must run the "
                 "same modules in the same order: make data-dependent branches agree across ranks."

@@ -2,9 +2,11 @@
 
 ``with lazy_init(accelerator): model = AutoModelForCausalLM.from_pretrained(path)`` gives a
 model whose parameters are ``nn.Parameter``s wrapping a ``DTensor`` on a 1-D mesh over the
-whole world, placed ``Shard(0)`` (``Replicate`` for 0-d parameters). The local tensor is this
-rank's dim-0 rows with ``torch.chunk`` semantics, which is the layout the engine consumes
-(CONTRACT "Sharding layout"). Buffers stay plain full tensors.
+ranks the engine shards over, placed ``Shard(0)`` (``Replicate`` for 0-d parameters): the
+whole world, or under hybrid sharding (``zero_config.shard_group_size``) this rank's shard
+group, so each group reads every row once. The local tensor is this rank's dim-0 rows with
+``torch.chunk`` semantics, which is the layout the engine consumes (CONTRACT "Sharding
+layout"). Buffers stay plain full tensors.
 
 [Note: lazy construction]
 Three public torch mechanisms, installed only for the duration of the context:
@@ -46,6 +48,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
 from accel_zero import hf
+from accel_zero.comm import forget_group_objects
 
 __all__ = ["is_lazy_param", "lazy_init", "local_row_range", "shard_tensor_rows"]
 
@@ -108,7 +111,8 @@ class _LazyContext:
     """Everything one ``lazy_init`` block installs; nothing is global."""
 
     mesh: DeviceMesh
-    """1-D mesh over the world; every placeholder and shard lives on it."""
+    """1-D mesh over the shard group (the world without hybrid sharding); every placeholder
+    and shard lives on it."""
     handles: list[RemovableHandle] = field(default_factory=list)
     """Global module hooks, removed on exit."""
     parents: weakref.WeakSet[nn.Module] = field(default_factory=weakref.WeakSet)
@@ -277,33 +281,17 @@ def _mesh_for(accelerator: Any) -> DeviceMesh:
             "`accel-zero launch` / `accelerate launch` / torchrun), or call "
             "torch.distributed.init_process_group(), then enter lazy_init(accelerator)."
         )
+    comm = getattr(accelerator, "zero_comm", None)  # an accel_zero.Accelerator
+    shard_mesh = getattr(comm, "shard_mesh", None)
+    if shard_mesh is not None:
+        return shard_mesh  # hybrid sharding: the shard group's rows (groups held by name)
     device = getattr(accelerator, "device", None)
     device_type = torch.device(device).type if device is not None else "cpu"
     if device_type not in ("cpu", "cuda"):
         device_type = "cpu"
     mesh = DeviceMesh.from_group(dist.group.WORLD, device_type)  # type: ignore[arg-type]
-    _forget_group_objects(mesh)
+    forget_group_objects(mesh)  # See [Note: a mesh keeps its group alive] in accel_zero/comm.py
     return mesh
-
-
-def _forget_group_objects(mesh: DeviceMesh) -> None:
-    """Let the mesh hold its process group by name only.
-
-    [Note: a mesh keeps its group alive]
-    A ``DeviceMesh`` stores the group object itself in ``_pg_registry`` (torch 2.13), and
-    DTensor keeps meshes in process-wide caches once it has communicated on them (sharding
-    propagation, redistribute planning). So after one ``full_tensor()`` or redistribution on
-    a lazily built parameter, ``destroy_process_group()`` no longer frees the gloo group: its
-    worker threads live on until interpreter exit, which is where gloo can abort the process
-    ("terminate called without an active exception"). Measured: ``lazy_init`` + ``prepare``
-    + one step + ``end_training()`` left 3 gloo threads per rank; none with this. Eager code
-    reaches the group through its name (``_resolve_process_group``), which stays valid while
-    the group lives; only ``torch.compile`` tracing reads the registry, and nothing compiles
-    through a lazily built parameter before ``prepare`` replaces it.
-    """
-    registry = getattr(mesh, "_pg_registry", None)
-    if isinstance(registry, dict):
-        registry.clear()
 
 
 @contextmanager

@@ -329,7 +329,8 @@ class ZeroOptimizer:
         if where:
             total = torch.stack(partial).to(device)
             op = "max" if math.isinf(norm_type) else "sum"
-            self.comm.all_reduce(total, op=op, what="gradient norm")
+            # Sharded rows: replicas (hybrid sharding) hold the same rows, so sum the shard group.
+            self.comm.all_reduce(total, op=op, what="gradient norm", group="shard")
             if not math.isinf(norm_type):
                 total = total ** (1.0 / norm_type)
             for i, value in zip(where, total.unbind(), strict=True):

@@ -118,6 +118,16 @@ class Collective:
     """How many ranks it spans."""
     input_bytes: int
     """The input tensor on this rank, as ``CommStats.bytes`` counts it."""
+    hybrid: bool = False
+    """Issued under hybrid sharding (comm.py then names collectives outside the shard group
+    ``op[replicate]`` / ``op[world]``)."""
+
+    @property
+    def stats_key(self) -> str:
+        """The name ``CommStats`` counts it under."""
+        if not self.hybrid or self.group == "shard":
+            return self.op
+        return f"{self.op}[{'replicate' if self.group == 'replica' else self.group}]"
 
 
 @dataclass(kw_only=True)
@@ -134,25 +144,24 @@ class CommStep:
         out: dict[str, int] = {}
         for c in self.collectives:
             if window is None or c.window == window:
-                out[c.op] = out.get(c.op, 0) + 1
+                out[c.stats_key] = out.get(c.stats_key, 0) + 1
         return out
 
     def input_bytes(self, window: str | None = None) -> dict[str, int]:
         out: dict[str, int] = {}
         for c in self.collectives:
             if window is None or c.window == window:
-                out[c.op] = out.get(c.op, 0) + c.input_bytes
+                out[c.stats_key] = out.get(c.stats_key, 0) + c.input_bytes
         return out
 
     def engine_stats(self) -> dict[str, int]:
         """``Engine.stats()``'s byte counters for this step (``bytes_gathered`` counts the
         all-gathers' outputs: ranks x input)."""
-        b = self.input_bytes()
         gathered = sum(c.input_bytes * c.ranks for c in self.collectives if c.op == "all_gather")
-        return {
-            "bytes_gathered": gathered,
-            "bytes_reduced": b.get("reduce_scatter", 0) + b.get("all_reduce", 0),
-        }
+        reduced = sum(
+            c.input_bytes for c in self.collectives if c.op in ("reduce_scatter", "all_reduce")
+        )
+        return {"bytes_gathered": gathered, "bytes_reduced": reduced}
 
 
 class _Buckets:
@@ -248,7 +257,13 @@ class _StepSim:
             return  # Comm short-cuts a world of one to a local copy
         self.step.collectives.append(
             Collective(
-                kind=kind, op=op, window=self.window, group=group, ranks=span, input_bytes=nbytes
+                kind=kind,
+                op=op,
+                window=self.window,
+                group=group,
+                ranks=span,
+                input_bytes=nbytes,
+                hybrid=self.replicas > 1,
             )
         )
 
