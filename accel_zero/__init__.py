@@ -17,6 +17,7 @@ _EXPORTS = {
     "AioConfig": "accel_zero.config",
     "LossScaleConfig": "accel_zero.config",
     "CPUAdam": "accel_zero.cpu_adam",
+    "Trainer": "accel_zero.trainer",
 }
 
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
     "CPUAdam",
     "LossScaleConfig",
     "OffloadConfig",
+    "Trainer",
     "ZeroConfig",
     "__version__",
     "lazy_init",

@@ -213,6 +213,14 @@ class Accelerator(accelerate.Accelerator):
     def prepare_optimizer(
         self, optimizer: torch.optim.Optimizer, device_placement: bool | None = None
     ) -> Any:
+        if isinstance(optimizer, _AcceleratedZeroOptimizer):
+            # Prepared before (e.g. again after free_memory): track it again, so that
+            # clip_grad_norm_ and unscale_gradients reach its shards.
+            if optimizer.zero not in self._zero_optimizers:
+                self._zero_optimizers.append(optimizer.zero)
+            if optimizer not in self._optimizers:
+                self._optimizers.append(optimizer)
+            return optimizer
         if getattr(optimizer, "_is_accelerate_prepared", False):
             return optimizer
         if not self._zero_engines:
@@ -457,9 +465,17 @@ class Accelerator(accelerate.Accelerator):
         super().end_training()
 
     def free_memory(self, *objects: Any) -> Any:
-        for engine in self._zero_engines.values():
-            engine.remove()
-        self._zero_engines.clear()
+        """Accelerate's ``free_memory``: forget the prepared objects (and release ``objects``).
+
+        A prepared model keeps its engine unless it is passed here: its parameters *are*
+        the shards, so detaching the engine would leave a ZeRO-3 model empty (transformers'
+        Trainer calls ``free_memory()`` at the start of ``train()``, after an ``evaluate()``
+        may have prepared the model). Preparing it again reuses the engine. Optimizers are
+        forgotten, as Accelerate forgets them; a prepared one can be prepared again.
+        """
+        released = {id(obj) for obj in objects}
+        for key in [k for k in self._zero_engines if k in released]:
+            self._zero_engines.pop(key).remove()
         self._zero_optimizers.clear()
         return super().free_memory(*objects)
 

