@@ -332,8 +332,15 @@ class Engine:
             resharded=resharded,
             tracer=self.ctx.tracer,
             pool=self.pool,
-            flat_master=(resharded and not nvme)
-            or any(s.orig_dtype != torch.float32 for s in slots),
+            # Resharded: an in-memory fp32 shard unless the masters are swapped to NVMe.
+            # Replicated: the masters are views of the whole parameters, unless those are not
+            # fp32 or the masters must leave the device (optimizer offload on a GPU).
+            flat_master=(not nvme)
+            if resharded
+            else (
+                any(s.orig_dtype != torch.float32 for s in slots)
+                or not same_device(self.master_device, self.ctx.device)
+            ),
             master_device=self.master_device,
         )
         for i, slot in enumerate(slots):

@@ -320,16 +320,22 @@ class Unit:
         self, dtype: torch.dtype, master: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, Callable[[], None] | None]:
         """The flat shard to all-gather in ``dtype``, and what to do with it once the
-        collective is done: the working shard or the master itself (nothing), a pooled
-        cast (give it back) or a record read from disk (release it). ``master`` overrides
-        ``self.master`` (masters read back from NVMe)."""
+        collective is done: the working shard or the master itself (nothing), or a pooled
+        buffer (give it back): a cast of the master, or a copy of a record read from disk.
+        ``master`` overrides ``self.master`` (masters read back from NVMe)."""
         master = self.master if master is None else master
         if dtype == self.dtype:
             if self.working is not None:
                 return self.working, None
             if self.param_source is not None:
+                # Copy the record out and give its swap buffer back at once, so the number of
+                # gathers in flight is bounded by the prefetch budget, not by swap buffers.
                 source, index = self.param_source, self.index
-                return source.fetch(index), lambda: source.done(index)
+                send = self.pool.take(self.numel, dtype, self.device)
+                send.copy_(source.fetch(index), non_blocking=True)
+                source.done(index)
+                pool = self.pool
+                return send, lambda: pool.give(send)
         pool = self.pool
         if master is None:  # replicated fp32 parameters: pack this rank's rows
             send = pool.take(self.numel, dtype, self.device)

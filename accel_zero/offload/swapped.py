@@ -26,6 +26,7 @@ accumulation window (``no_sync``) shards accumulate in memory as usual.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from collections.abc import Callable, Iterator, Sequence
@@ -267,51 +268,53 @@ class SwappedOptimizer:
                 if self.grad_space is not None and self.grads_on_disk
                 else None
             )
-            batches: dict[AdamHyper, _Batch] = {}
-            for piece in g.pieces:
-                key = (piece.unit, piece.slot)
-                if key not in stepping_set or not piece.numel:
-                    continue
-                a, b = piece.offset, piece.offset + piece.numel
-                e0, e1 = piece.elem_start, piece.elem_start + piece.numel
-                if self.masters_on_disk:
-                    master = buf.fields["master"][a:b]
-                else:
-                    owner = self.units[piece.unit]
-                    master = owner.slot_master(owner.slots[piece.slot]).reshape(-1)[e0:e1]
-                if gbuf is not None:
-                    grad = gbuf.fields["grad"][a:b]
-                else:
-                    rows = resident_grad(key)
-                    assert rows is not None, key
-                    grad = rows.reshape(-1)[e0:e1]
-                copy = copies(key)
-                batch = batches.setdefault(hyper_of(key), _Batch())
-                batch.params.append(master)
-                batch.grads.append(grad)
-                batch.exp_avgs.append(buf.fields["exp_avg"][a:b])
-                batch.exp_avg_sqs.append(buf.fields["exp_avg_sq"][a:b])
-                batch.copies.append(None if copy is None else copy[e0:e1])
-                batch.steps.append(self.steps[key])
-            for hyper, batch in batches.items():
-                adam_step(
-                    batch.params,
-                    batch.grads,
-                    batch.exp_avgs,
-                    batch.exp_avg_sqs,
-                    batch.steps,
-                    hyper,
-                    inv_scale=inv_scale,
-                    copies=batch.copies,
-                    threads=threads,
-                )
+            # Unit by unit (a unit's pieces are consecutive), so a unit's working shard is
+            # final, and can be written back (parameters on NVMe), as soon as its last piece
+            # is stepped: at most one unit's record is held for it.
+            for unit_index, run in itertools.groupby(g.pieces, key=lambda piece: piece.unit):
+                batches: dict[AdamHyper, _Batch] = {}
+                for piece in run:
+                    key = (piece.unit, piece.slot)
+                    if key not in stepping_set or not piece.numel:
+                        continue
+                    a, b = piece.offset, piece.offset + piece.numel
+                    e0, e1 = piece.elem_start, piece.elem_start + piece.numel
+                    if self.masters_on_disk:
+                        master = buf.fields["master"][a:b]
+                    else:
+                        owner = self.units[piece.unit]
+                        master = owner.slot_master(owner.slots[piece.slot]).reshape(-1)[e0:e1]
+                    if gbuf is not None:
+                        grad = gbuf.fields["grad"][a:b]
+                    else:
+                        rows = resident_grad(key)
+                        assert rows is not None, key
+                        grad = rows.reshape(-1)[e0:e1]
+                    copy = copies(key)
+                    batch = batches.setdefault(hyper_of(key), _Batch())
+                    batch.params.append(master)
+                    batch.grads.append(grad)
+                    batch.exp_avgs.append(buf.fields["exp_avg"][a:b])
+                    batch.exp_avg_sqs.append(buf.fields["exp_avg_sq"][a:b])
+                    batch.copies.append(None if copy is None else copy[e0:e1])
+                    batch.steps.append(self.steps[key])
+                for hyper, batch in batches.items():
+                    adam_step(
+                        batch.params,
+                        batch.grads,
+                        batch.exp_avgs,
+                        batch.exp_avg_sqs,
+                        batch.steps,
+                        hyper,
+                        inv_scale=inv_scale,
+                        copies=batch.copies,
+                        threads=threads,
+                    )
+                if unit_done is not None and last_group[unit_index] == g.index:
+                    unit_done(unit_index)
             self.space.write(buf, generation=gen + 1)
             if gbuf is not None:
                 self.grad_space.release(gbuf)  # type: ignore[union-attr]
-            if unit_done is not None:
-                for index in g.units:
-                    if last_group[index] == g.index:
-                        unit_done(index)
         self.generation = gen + 1
         self.grads_on_disk = False
         return {key[0] for key in stepping}

@@ -371,3 +371,31 @@ def test_a_unit_used_twice_keeps_its_whole_gradient_under_bf16(rank_pool: Any) -
             # bf16 gathers vs fp32 weights under autocast: the same gradient within bf16
             # resolution; a lost use halves the norm of the shared block's gradients.
             assert abs(res["got"][name] - norm) <= 0.03 * norm + 1e-6, (name, res)
+
+
+def _checkpointing_body(rank: int, world: int, stage: int) -> dict[str, TrainResult]:
+    """transformers' gradient checkpointing (activations recomputed in backward, where the
+    engine gathers units on demand) against DDP running the same checkpointed model."""
+    from tests.distributed.reference import train_accel_zero_rank, train_ddp_in_group
+
+    spec = TrainSpec(model="llama", steps=2, grad_accum=2, max_grad_norm=1.0)
+
+    class _Checkpointed(TrainSpec):
+        def build_model(self) -> nn.Module:
+            model = super().build_model()
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
+            return model
+
+    spec = _Checkpointed(**{f: getattr(spec, f) for f in spec.__dataclass_fields__})
+    zero = {"stage": stage, "param_persistence_threshold": 0, "max_reuse_distance": 0}
+    out = {"accel_zero": train_accel_zero_rank(rank, world, spec, zero)}
+    out["ddp"] = train_ddp_in_group(rank, world, spec)
+    return out if rank == 0 else {}
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_gradient_checkpointing_trains_like_ddp(rank_pool: Any, stage: int) -> None:
+    res = run_ranks(_checkpointing_body, 2, stage, timeout=300, pool=rank_pool(2))[0]
+    assert_parity(res["ddp"], res["accel_zero"], TrainSpec(model="llama"), label=f"stage {stage}")
