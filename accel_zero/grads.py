@@ -292,6 +292,7 @@ class ReduceBuckets:
                 what=f"reduce_scatter of gradients of {names}",
                 async_op=self.async_op,
                 sum_over="world",  # hybrid sharding: then all-reduced across the replicas
+                input_is_scratch=True,  # the pooled bucket is not read again
             )
             sizes = [g.unit.numel for g in members]
         bucket = _Bucket(work=work, flat=flat, waiting=len(members), pool=self.pool)
