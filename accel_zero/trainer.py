@@ -11,7 +11,9 @@ only the places where transformers picks a backend are redirected:
   ``accelerator.save_model`` (the plain Trainer's ``model.state_dict()`` is refused by a
   ZeRO-3 model outside forward, since its parameters are sharded);
 - a Trainer checkpoint holds the sharded model and optimizer state written by
-  ``accelerator.save_state`` (upstream's ``optimizer.pt`` from rank 0 would hold one shard).
+  ``accelerator.save_state`` (upstream's ``optimizer.pt`` from rank 0 would hold one shard),
+  and ``train(resume_from_checkpoint=...)`` / ``load_best_model_at_end`` restore it with
+  ``accelerator.load_state`` after ``prepare`` (see [Note: Trainer resume]).
 
 ``TrainingArguments`` that select another backend (``deepspeed``, ``fsdp``,
 ``fsdp_config``) or that would act on a whole unsharded model are refused with the
@@ -20,10 +22,15 @@ argument and the fix named.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
+import logging
 import os
+import re
+import warnings
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -34,14 +41,21 @@ from accelerate.utils import (
     GradientAccumulationPlugin,
 )
 from torch import nn
-from transformers.trainer import SCHEDULER_NAME, TRAINING_ARGS_NAME
-from transformers.trainer_pt_utils import AcceleratorConfig
+from transformers.trainer import SCHEDULER_NAME, TRAINER_STATE_NAME, TRAINING_ARGS_NAME
+from transformers.trainer_pt_utils import AcceleratorConfig, reissue_pt_warnings
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from accel_zero.accelerator import Accelerator
+from accel_zero.checkpoint import is_complete, layout, open_checkpoint
+from accel_zero.checkpoint.accelerate_state import rng_state, set_rng_state
 from accel_zero.config import ZeroConfig
 
 __all__ = ["Trainer"]
+
+logger = logging.getLogger(__name__)
+
+# upstream's checkpoint folder names (transformers.trainer_utils.get_last_checkpoint).
+_CHECKPOINT_RE = re.compile(re.escape(PREFIX_CHECKPOINT_DIR) + r"-(\d+)")
 
 
 def _refuse_conflicting_arguments(args: transformers.TrainingArguments) -> None:
@@ -72,12 +86,12 @@ def _refuse_conflicting_arguments(args: transformers.TrainingArguments) -> None:
             "whole model before evaluation, which a sharded model cannot do. Remove it: with "
             "mixed_precision (bf16=True / fp16=True) evaluation already computes in that dtype."
         )
-    if args.load_best_model_at_end:
+    if args.load_best_model_at_end and args.save_only_model:
         raise ValueError(
-            "accel_zero.Trainer: TrainingArguments(load_best_model_at_end=True) reloads a "
-            "checkpoint into the sharded model, which accel_zero.Trainer does not do yet. Remove "
-            "it, or evaluate the exports written by trainer.save_model(dir) with "
-            "from_pretrained."
+            "accel_zero.Trainer: TrainingArguments(load_best_model_at_end=True) reloads the best "
+            "checkpoint's sharded state, which save_only_model=True leaves out of every "
+            "checkpoint. Remove save_only_model (or load_best_model_at_end and pick the best "
+            "checkpoint's model.safetensors export yourself)."
         )
     if args.auto_find_batch_size:
         raise ValueError(
@@ -113,8 +127,10 @@ class Trainer(transformers.Trainer):
     Every rank must call ``train``, ``evaluate``, ``predict`` and ``save_model`` (ZeRO-3
     gathers parameters collectively). ``save_model`` writes consolidated safetensors that
     ``from_pretrained`` loads. Checkpoints during training (``save_strategy``) hold the
-    sharded ``accelerator.save_state`` beside that export; resuming from them
-    (``resume_from_checkpoint``) is not implemented yet.
+    sharded ``accelerator.save_state`` beside that export; ``train(resume_from_checkpoint=
+    folder | True)`` continues from one with the losses, weights and random draws of the
+    uninterrupted run (bit for bit at the same world size), and ``load_best_model_at_end``
+    restores the best one's sharded state.
     """
 
     accelerator: Accelerator
@@ -127,6 +143,9 @@ class Trainer(transformers.Trainer):
     ) -> None:
         # Read by create_accelerator_and_postprocess, which transformers.Trainer.__init__ calls.
         self._zero_config_arg = zero_config
+        # This rank's random generators as the checkpoint being resumed left them (set by
+        # _load_optimizer_and_scheduler, applied by _load_rng_state). See [Note: Trainer resume].
+        self._resumed_rng_state: dict[str, Any] | None = None
         super().__init__(*args, **kwargs)
 
     # ------------------------------------------------------------ accelerator
@@ -218,20 +237,181 @@ class Trainer(transformers.Trainer):
             )
 
     # ----------------------------------------------------------------- train
+    # [Note: Trainer resume]
+    # transformers.Trainer resumes in three places, each redirected here:
+    # - train() loads whole weights into the model *before* prepare (_load_from_checkpoint).
+    #   A ZeRO-3 (or lazily built) model cannot take whole weights, and the sharded state
+    #   holds the exact fp32 masters anyway, so nothing is loaded there: the folder is only
+    #   checked to hold a published sharded state and trainer_state.json, so that a wrong
+    #   folder fails before anything is prepared.
+    # - after prepare, _load_optimizer_and_scheduler calls accelerator.load_state(folder):
+    #   each rank reads its rows of the fp32 masters and optimizer moments (from any world
+    #   size), the dataloader positions and its RNG state; then the Trainer's scheduler.pt.
+    # - _run_epoch skips the batches already trained (from trainer_state.json's global_step)
+    #   and then calls _load_rng_state, *after* creating the data iterator (which draws a
+    #   seed from the global generator). The RNG state comes from one source: the sharded
+    #   state's per-rank entry, which load_state restored and which is kept here until that
+    #   moment; upstream's pickled rng_state_<rank>.pth files are neither written nor read.
+    #   So the resumed run draws exactly what the uninterrupted run drew after the save.
     def train(
         self,
         resume_from_checkpoint: str | bool | None = None,
         trial: Any = None,
         ignore_keys_for_eval: list[str] | None = None,
     ) -> transformers.trainer_utils.TrainOutput:
-        if resume_from_checkpoint not in (None, False):
-            raise NotImplementedError(
-                "accel_zero.Trainer: resume_from_checkpoint is not implemented yet. Start from "
-                "a save_model() export instead (from_pretrained(export_dir), then train()), or "
-                "restore a checkpoint's sharded state in your own loop with "
-                "accelerator.load_state(checkpoint_dir)."
+        """transformers' ``train``. ``resume_from_checkpoint``: a ``checkpoint-N`` folder this
+        Trainer wrote, or True for the newest complete one in ``args.output_dir`` (newer
+        folders that a crash left incomplete are skipped, with a warning); it must hold the
+        sharded state (not ``save_only_model=True``). Every rank must call it."""
+        checkpoint: str | None = None
+        if resume_from_checkpoint is True:
+            checkpoint = self._last_resumable_checkpoint(str(self.args.output_dir))
+        elif isinstance(resume_from_checkpoint, (str, os.PathLike)):
+            checkpoint = os.fspath(resume_from_checkpoint)
+        self._resumed_rng_state = None
+        return super().train(
+            resume_from_checkpoint=checkpoint,
+            trial=trial,
+            ignore_keys_for_eval=ignore_keys_for_eval,
+        )
+
+    @staticmethod
+    def _is_resumable(folder: str | os.PathLike[str]) -> bool:
+        return is_complete(Path(folder)) and os.path.isfile(
+            os.path.join(folder, TRAINER_STATE_NAME)
+        )
+
+    @classmethod
+    def _checkpoints_newest_first(cls, parent: str | os.PathLike[str]) -> list[Path]:
+        found = []
+        with contextlib.suppress(OSError):
+            for child in Path(parent).iterdir():
+                match = _CHECKPOINT_RE.fullmatch(child.name)
+                if match is not None and child.is_dir():
+                    found.append((int(match.group(1)), child))
+        return [path for _, path in sorted(found, reverse=True)]
+
+    @classmethod
+    def _last_resumable_checkpoint(cls, output_dir: str) -> str:
+        """upstream's get_last_checkpoint, minus the folders a crash left incomplete."""
+        candidates = cls._checkpoints_newest_first(output_dir)
+        for i, folder in enumerate(candidates):
+            if cls._is_resumable(folder):
+                if i:
+                    logger.warning(
+                        "accel_zero.Trainer: resuming from %s; skipping the newer %s (saves "
+                        "that were interrupted: no published sharded state or no %s)",
+                        folder,
+                        ", ".join(p.name for p in candidates[:i]),
+                        TRAINER_STATE_NAME,
+                    )
+                return str(folder)
+        raise ValueError(
+            f"accel_zero.Trainer: train(resume_from_checkpoint=True) found no complete "
+            f"checkpoint in {output_dir} (folders {PREFIX_CHECKPOINT_DIR}-N holding the sharded "
+            f"state and {TRAINER_STATE_NAME}; found: "
+            f"{', '.join(p.name for p in candidates) or 'none'}). Pass the folder to resume "
+            "from, or train without resume_from_checkpoint."
+        )
+
+    def _check_resumable(self, folder: str, what: str = "resume_from_checkpoint") -> None:
+        """Raise, naming ``folder`` and the fix, unless it holds a published sharded state
+        and ``trainer_state.json``. See [Note: Trainer resume]."""
+        path = Path(folder)
+        if not path.is_dir():
+            raise ValueError(f"accel_zero.Trainer: {what}={folder!r}: no such folder")
+        if not is_complete(path):
+            names = {p.name for p in path.iterdir()}
+            if names & {layout.POINTER, layout.STAGING} or any(
+                layout.version_number(name) is not None for name in names
+            ):
+                # A save into it was interrupted or a file is damaged: the reader's error
+                # names the file at fault and the last complete checkpoint beside it.
+                with open_checkpoint(path):
+                    pass
+            else:
+                raise ValueError(
+                    f"accel_zero.Trainer: {what}: {path} holds no accel_zero sharded state (no "
+                    "LATEST from accelerator.save_state), which resuming needs for the sharded "
+                    "model and optimizer: it was written by transformers.Trainer, or by "
+                    "accel_zero.Trainer with save_only_model=True. Resume from a "
+                    f"{PREFIX_CHECKPOINT_DIR}-N folder that accel_zero.Trainer wrote without "
+                    "save_only_model, or start from its weights instead: "
+                    "from_pretrained(folder), then train() without resume_from_checkpoint."
+                )
+        if not os.path.isfile(path / TRAINER_STATE_NAME):
+            parent = path.parent
+            older = [p for p in self._checkpoints_newest_first(parent) if p != path]
+            last = next((str(p) for p in older if self._is_resumable(p)), None)
+            hint = f"resume from {last}" if last else f"no complete checkpoint is in {parent}"
+            raise ValueError(
+                f"accel_zero.Trainer: {what}: {path} has no {TRAINER_STATE_NAME} (the save "
+                f"was interrupted after the sharded state was published); {hint}."
             )
-        return super().train(trial=trial, ignore_keys_for_eval=ignore_keys_for_eval)
+
+    def _load_from_checkpoint(
+        self, resume_from_checkpoint: str, model: nn.Module | None = None
+    ) -> None:
+        """Loads nothing: the weights come from the sharded state after prepare. Refuses a
+        folder without one, before anything is prepared. See [Note: Trainer resume]."""
+        del model
+        self._check_resumable(resume_from_checkpoint)
+        logger.info(
+            "accel_zero.Trainer: resuming from %s: the sharded model and optimizer state load "
+            "after prepare",
+            resume_from_checkpoint,
+        )
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        """The sharded fp32 masters, optimizer state, dataloader positions and RNG through
+        ``accelerator.load_state`` (every rank), then the learning-rate scheduler."""
+        if checkpoint is None:
+            return
+        self.accelerator.load_state(checkpoint)
+        self._resumed_rng_state = rng_state()
+        if self.lr_scheduler is None:
+            return
+        scheduler_file = os.path.join(checkpoint, SCHEDULER_NAME)
+        if not os.path.isfile(scheduler_file):
+            raise ValueError(
+                f"accel_zero.Trainer: {scheduler_file} is missing, so the learning-rate "
+                "schedule cannot continue; resume from a complete checkpoint folder"
+            )
+        with warnings.catch_warnings(record=True) as caught:
+            # weights_only: a checkpoint never runs pickled code (as upstream loads it).
+            state = torch.load(scheduler_file, map_location="cpu", weights_only=True)
+            self.lr_scheduler.load_state_dict(state)
+        reissue_pt_warnings(caught)
+
+    def _load_rng_state(self, checkpoint: str | None) -> None:
+        """This rank's RNG state from the checkpoint's sharded state (restored by
+        ``load_state`` and kept until upstream's moment). See [Note: Trainer resume]."""
+        if checkpoint is None:
+            return
+        if self._resumed_rng_state is None:
+            logger.warning(
+                "accel_zero.Trainer: no RNG state was restored from %s; random draws after "
+                "resuming differ from the uninterrupted run",
+                checkpoint,
+            )
+            return
+        set_rng_state(self._resumed_rng_state)
+
+    def _load_best_model(self) -> None:
+        """The best checkpoint's sharded state through ``accelerator.load_state``: its fp32
+        masters and (as transformers' DeepSpeed path does) its optimizer state. The run's
+        random generators are kept as they are. Every rank calls it."""
+        best = self.state.best_model_checkpoint
+        assert best is not None  # _finalize_training checks it
+        self._check_resumable(best, what="load_best_model_at_end")
+        logger.info(
+            "accel_zero.Trainer: loading the best model from %s (score: %s)",
+            best,
+            self.state.best_metric,
+        )
+        kept = rng_state()
+        self.accelerator.load_state(best)
+        set_rng_state(kept)
 
     # ------------------------------------------------------------------ save
     def _is_prepared(self, model: nn.Module) -> bool:
@@ -280,3 +460,8 @@ class Trainer(transformers.Trainer):
         # optimizer.pt from the main process would hold only that rank's shard.
         if self.args.should_save and self.lr_scheduler is not None:
             torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
+
+    def _save_rng_state(self, output_dir: str) -> None:
+        # accelerator.save_state in _save_checkpoint holds every rank's RNG state, taken at
+        # the same moment; resuming reads it from there. See [Note: Trainer resume].
+        del output_dir

@@ -7,11 +7,17 @@ same tiny GPT-2 (tied embeddings), seed, data and arguments, with gradient accum
 clipping that really clips; the logged losses, gradient norms and learning rates of every
 logging step and the final weights must agree within fp32 tolerance
 (``reference.tolerance``), at ZeRO stages 1, 2 and 3.
+
+Resume (issue 10): a run stopped after its checkpoint and resumed in a new Trainer equals
+the uninterrupted run bit for bit (losses, clip norms, learning rates, weights, random
+draws), mid-epoch and at an epoch boundary; ``load_best_model_at_end`` restores the best
+checkpoint's sharded state; folders without a sharded state are refused, named.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -220,8 +226,22 @@ def _errors_body(rank: int, world_size: int, shared_dir: str) -> dict[str, str]:
                 zero_config={"stage": 3, "gradient_clipping": 2.0},
             )
 
-        def resume() -> None:
+        def resume() -> None:  # tmp holds no checkpoint yet
             _trainer(3, tmp).train(resume_from_checkpoint=True)
+
+        def best_without_state() -> None:
+            args = _args(
+                tmp,
+                save_only_model=True,
+                load_best_model_at_end=True,
+                eval_strategy="steps",
+                save_strategy="steps",
+                metric_for_best_model="loss",
+            )
+            _trainer(3, tmp, args=args)
+
+        def resume_from(folder: Path) -> Any:
+            return lambda: _trainer(3, tmp).train(resume_from_checkpoint=str(folder))
 
         def lone_cpu_ranks() -> None:  # last: it leaves Accelerate's state single-process
             _trainer(3, tmp, args=_args(tmp, use_cpu=False))
@@ -229,13 +249,21 @@ def _errors_body(rank: int, world_size: int, shared_dir: str) -> dict[str, str]:
         record("fsdp", fsdp, ValueError)
         record("deepspeed", deepspeed, ValueError)
         record("clipping", clipping, ValueError)
-        record("resume", resume, NotImplementedError)
+        record("resume", resume, ValueError)
+        record("best_without_state", best_without_state, ValueError)
 
         ckpt_dir = shared_dir  # every rank writes its rows into one checkpoint folder
         _trainer(3, ckpt_dir, args=_args(ckpt_dir, save_strategy="steps", save_steps=2)).train()
         folder = Path(ckpt_dir) / "checkpoint-2"
         seen["checkpoints"] = json.dumps(sorted(p.name for p in Path(ckpt_dir).iterdir()))
         seen["checkpoint_files"] = json.dumps(sorted(p.name for p in folder.iterdir()))
+        # A Trainer checkpoint without the sharded state (what save_only_model=True or
+        # transformers.Trainer writes), and one whose sharded save never got published.
+        plain, interrupted = Path(tmp) / "plain-checkpoint", Path(tmp) / "interrupted-checkpoint"
+        shutil.copytree(folder, plain, ignore=shutil.ignore_patterns("LATEST", "v0*"))
+        shutil.copytree(folder, interrupted, ignore=shutil.ignore_patterns("LATEST"))
+        record("no_sharded_state", resume_from(plain), ValueError)
+        record("interrupted", resume_from(interrupted), ValueError)
         record("lone_cpu_ranks", lone_cpu_ranks, ValueError)
     return seen
 
@@ -254,7 +282,14 @@ def test_conflicts_fail_clearly_and_checkpoints_hold_the_sharded_state(
         assert "zero_config" in seen["deepspeed"], seen["deepspeed"]
         assert "gradient_clipping=2.0" in seen["clipping"], seen["clipping"]
         assert "max_grad_norm" in seen["clipping"], seen["clipping"]
-        assert "resume_from_checkpoint" in seen["resume"], seen["resume"]
+        assert "resume_from_checkpoint=True" in seen["resume"], seen["resume"]
+        assert "no complete checkpoint" in seen["resume"], seen["resume"]
+        assert "save_only_model" in seen["best_without_state"], seen["best_without_state"]
+        msg = seen["no_sharded_state"]
+        assert "plain-checkpoint holds no accel_zero sharded state" in msg, msg
+        assert "from_pretrained(folder)" in msg and "save_only_model" in msg, msg
+        msg = seen["interrupted"]
+        assert "interrupted-checkpoint is incomplete" in msg and "LATEST" in msg, msg
         assert "use_cpu=True" in seen["lone_cpu_ranks"], seen["lone_cpu_ranks"]
         # save_steps=2 of 3 steps: at step 2 and (upstream saves the last step too) 3, each
         # with accelerator.save_state's sharded model + optimizer (LATEST -> v000001), the
@@ -265,6 +300,8 @@ def test_conflicts_fail_clearly_and_checkpoints_hold_the_sharded_state(
         expected = {"LATEST", "v000001", "model.safetensors", "config.json", "scheduler.pt"}
         assert expected | {"trainer_state.json"} <= files, files
         assert "optimizer.pt" not in files, files
+        # The RNG states live in the sharded state only (see [Note: Trainer resume]).
+        assert not any(name.startswith("rng_state") for name in files), files
     # The sharded state and the export beside it hold the same (final) weights.
     from safetensors.torch import load_file
 
@@ -277,3 +314,134 @@ def test_conflicts_fail_clearly_and_checkpoints_hold_the_sharded_state(
     assert exported.keys() == beside.keys() and len(beside) > 10, sorted(beside)
     for key, tensor in beside.items():
         assert torch.equal(exported[key], tensor), key
+
+
+# ------------------------------------------------------------------ resume
+RESUME_STEPS = 4
+SAVE_STEPS = 2
+DROPOUT = 0.1
+"""Dropout on, so that a resumed run whose random generators are off shows in its losses."""
+
+
+def _resume_trainer(stage: int, out_dir: Path, rows: int, **kwargs: Any) -> Any:
+    """accel_zero's Trainer for the resume runs: 4 steps, a checkpoint every 2, dropout."""
+    from torch import nn
+
+    args = _args(str(out_dir), max_steps=RESUME_STEPS, save_strategy="steps", save_steps=SAVE_STEPS)
+    trainer = _trainer(stage, str(out_dir), args=args, train_dataset=_rows(rows, seed=7), **kwargs)
+    for module in trainer.model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = DROPOUT
+    return trainer
+
+
+def _by_step(trainer: Any) -> dict[int, dict[str, float]]:
+    return {
+        int(h["step"]): {k: float(h[k]) for k in ("loss", "grad_norm", "learning_rate")}
+        for h in trainer.state.log_history
+        if "loss" in h
+    }
+
+
+def _resume_body(rank: int, world_size: int, stage: int, rows: int, folder: str) -> dict[str, Any]:
+    """Uninterrupted 4 steps; 4 steps stopped after the checkpoint at step 2; then a new
+    Trainer (new model, new Accelerator) resumes that run's last checkpoint for steps 3-4."""
+    from transformers import TrainerCallback
+
+    class StopAfterCheckpoint(TrainerCallback):  # the run "dies" right after checkpoint-2
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if state.global_step == SAVE_STEPS:
+                control.should_training_stop = True
+
+    def result(trainer: Any) -> dict[str, Any]:  # taken right after each run
+        return {
+            "logs": _by_step(trainer),
+            "draw": float(torch.rand(())),  # the random generators at the end of the run
+            "weights": _final_weights(trainer, stage),
+        }
+
+    runs: dict[str, Any] = {}
+    whole = _resume_trainer(stage, Path(folder) / "whole", rows)
+    whole.train()
+    runs["whole"] = result(whole)
+    cut = _resume_trainer(stage, Path(folder) / "cut", rows, callbacks=[StopAfterCheckpoint()])
+    cut.train()
+    runs["cut"] = {"logs": _by_step(cut)}
+    resumed = _resume_trainer(stage, Path(folder) / "cut", rows)
+    resumed.train(resume_from_checkpoint=True)  # the newest complete checkpoint: checkpoint-2
+    runs["resumed"] = result(resumed)
+    return runs
+
+
+@pytest.mark.parametrize(
+    ("stage", "rows"),
+    [
+        (1, 16),  # 2 steps per epoch: the checkpoint falls on the epoch boundary
+        (2, 32),  # 1 epoch: the resumed run skips the 4 micro-batches already trained
+        (3, 32),
+    ],
+)
+def test_resume_from_checkpoint_continues_the_run_bit_for_bit(
+    rank_pool: Any, tmp_path: Path, stage: int, rows: int
+) -> None:
+    """Stopped after checkpoint-2 and resumed in a new Trainer, a run logs the losses, clip
+    norms and learning rates of the uninterrupted run at steps 3-4 and ends with its weights
+    and its random generators, bit for bit (same ranks, same arithmetic)."""
+    out = run_ranks(
+        _resume_body, WORLD, stage, rows, str(tmp_path), timeout=240, pool=rank_pool(WORLD)
+    )
+    for rank, runs in enumerate(out):
+        whole, cut, resumed = runs["whole"]["logs"], runs["cut"]["logs"], runs["resumed"]["logs"]
+        assert sorted(whole) == [1, 2, 3, 4] and sorted(cut) == [1, 2], (whole, cut)
+        assert sorted(resumed) == [1, 2, 3, 4], resumed  # 1-2 from trainer_state.json
+        for step in (3, 4):
+            assert resumed[step] == whole[step], (rank, step, resumed[step], whole[step])
+        lrs = [whole[s]["learning_rate"] for s in (1, 2, 3, 4)]
+        assert lrs == sorted(lrs, reverse=True) and lrs[3] < lrs[2] < lrs[1], lrs  # decays
+        assert runs["resumed"]["draw"] == runs["whole"]["draw"], rank
+    whole_w, resumed_w = out[0]["whole"]["weights"], out[0]["resumed"]["weights"]
+    assert whole_w.keys() == resumed_w.keys() and len(whole_w) > 10, sorted(whole_w)
+    for key, value in whole_w.items():
+        assert torch.equal(resumed_w[key], value), key
+    assert (tmp_path / "cut" / "checkpoint-4").is_dir()  # the resumed run saves on
+
+
+def _load_best_body(rank: int, world_size: int, folder: str) -> dict[str, Any]:
+    """load_best_model_at_end with the *highest* eval loss as best: checkpoint-2 (training
+    lowers the loss on its own rows), which is not the last one."""
+    args = _args(
+        folder,
+        max_steps=RESUME_STEPS,
+        save_strategy="steps",
+        save_steps=SAVE_STEPS,
+        eval_strategy="steps",
+        eval_steps=SAVE_STEPS,
+        load_best_model_at_end=True,
+        metric_for_best_model="loss",
+        greater_is_better=True,
+    )
+    trainer = _trainer(3, folder, args=args, eval_dataset=_rows(8, seed=7))
+    trainer.train()
+    evals = [float(h["eval_loss"]) for h in trainer.state.log_history if "eval_loss" in h]
+    return {
+        "best": trainer.state.best_model_checkpoint,
+        "evals": evals,
+        "weights": _final_weights(trainer, 3),
+    }
+
+
+def test_load_best_model_at_end_restores_the_best_checkpoints_sharded_state(
+    rank_pool: Any, tmp_path: Path
+) -> None:
+    from safetensors.torch import load_file
+
+    out = run_ranks(_load_best_body, WORLD, str(tmp_path), timeout=240, pool=rank_pool(WORLD))
+    res = out[0]
+    assert all(r["best"] == str(tmp_path / "checkpoint-2") for r in out), [r["best"] for r in out]
+    assert res["evals"][0] > res["evals"][1], res["evals"]
+    best = load_file(tmp_path / "checkpoint-2" / "model.safetensors")
+    last = load_file(tmp_path / "checkpoint-4" / "model.safetensors")
+    assert len(best) > 10 and best.keys() <= res["weights"].keys(), sorted(best)
+    for key, value in best.items():
+        assert torch.equal(res["weights"][key], value), key
+    assert any(not torch.equal(last[k], best[k]) for k in best)  # step 4 really differs
