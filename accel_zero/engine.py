@@ -512,7 +512,7 @@ class Engine:
         sharded = self._sharded_now()
         if sharded:
             raise RuntimeError(
-                f"accel_zero rank {self.comm.rank}: model.state_dict() was called while "
+                f"accel_zero rank {self.comm.global_rank}: model.state_dict() was called while "
                 f"{len(sharded)} parameters are sharded (ZeRO-3), e.g. {sharded[0]!r}. Use "
                 "accelerator.get_state_dict(model) or accelerator.save_model(model, dir) on "
                 "every rank, or read them inside `with accelerator.gathered_parameters(model):`."
@@ -578,12 +578,12 @@ class Engine:
     def _check_grad_window(self, what: str) -> None:
         if self.hooks.in_backward:
             raise RuntimeError(
-                f"accel_zero rank {self.comm.rank}: {what} was called during backward; "
+                f"accel_zero rank {self.comm.global_rank}: {what} was called during backward; "
                 "gradients are complete only after accelerator.backward() returns"
             )
         if not self.hooks.backward_done:
             raise RuntimeError(
-                f"accel_zero rank {self.comm.rank}: {what} found no gradients: it is valid "
+                f"accel_zero rank {self.comm.global_rank}: {what} found no gradients: it is valid "
                 "between the end of accelerator.backward() and the next zero_grad() "
                 "(optimizer.zero_grad(), model.zero_grad() or accelerator.zero_grad())"
             )
@@ -592,7 +592,7 @@ class Engine:
         hit = self.lookup(param)
         if hit is None:
             raise ValueError(
-                f"accel_zero rank {self.comm.rank}: {what}: the tensor of shape "
+                f"accel_zero rank {self.comm.global_rank}: {what}: the tensor of shape "
                 f"{tuple(param.shape)} is not a parameter of the prepared model"
             )
         return hit
@@ -600,7 +600,7 @@ class Engine:
     def _check_not_swapped(self, unit: Unit, what: str) -> None:
         if self.offload is not None and self.offload.swaps_grads(unit):
             raise RuntimeError(
-                f"accel_zero rank {self.comm.rank}: {what}: with offload_optimizer nvme the "
+                f"accel_zero rank {self.comm.global_rank}: {what}: with offload_optimizer nvme the "
                 "gradient shards are written to disk as backward produces them; use "
                 "accelerator.get_grad_norms(model) (kept from that pass), or offload_optimizer "
                 "cpu to read them"

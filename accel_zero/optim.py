@@ -183,8 +183,9 @@ class ZeroOptimizer:
                 entry = self._lookup(p)
                 if entry is None:
                     raise ValueError(
-                        f"rank {self.comm.rank}: optimizer param group {gi} holds a parameter of "
-                        f"shape {tuple(p.shape)} that is not in any prepared model. Build the "
+                        f"rank {self.comm.global_rank}: optimizer param group {gi} holds a "
+                        f"parameter of shape {tuple(p.shape)} that is not in any prepared model. "
+                        "Build the "
                         "optimizer from model.parameters() and pass both to one prepare() call "
                         "(or build it after prepare() from the prepared model's parameters)."
                     )
