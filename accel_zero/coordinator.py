@@ -133,23 +133,7 @@ class Coordinator:
         ``live`` are gathered units, ``in_flight`` units whose gather is issued;
         ``live_numel`` the elements those hold.
         """
-        if self.prefetch_bucket_size <= 0:
-            return []
-        plan: list[int] = []
-        bucket = 0
-        for _, unit in self._upcoming():
-            if unit in live or unit in in_flight or unit in plan:
-                continue
-            numel = self.unit_numels[unit]
-            if bucket and bucket + numel > self.prefetch_bucket_size:
-                break
-            if live_numel + numel > self.max_live_parameters:
-                break
-            plan.append(unit)
-            bucket += numel
-            live_numel += numel
-        self.stats.prefetches_issued += len(plan)
-        return plan
+        return self._plan(self._upcoming(), live | in_flight, live_numel)
 
     def upcoming_units(self) -> list[int]:
         """The units the rest of the current pass needs, in order, once each (the trace's
@@ -157,18 +141,22 @@ class Coordinator:
         return list(dict.fromkeys(unit for _, unit in self._upcoming()))
 
     def plan_pass_start(self, grad: bool, live_numel: int) -> list[int] | None:
-        """Units to gather before a pass of this kind starts (None: no trace yet).
-
-        The first units of the recorded trace within ``prefetch_bucket_size`` and
-        ``max_live_parameters``, as ``prefetch_plan`` would pick them at the pass's start.
-        """
+        """Units to gather before a pass of this kind starts (None: no trace yet): what
+        ``prefetch_plan`` would pick at the pass's start."""
         trace = self.traces.get(grad)
         if trace is None or self.prefetch_bucket_size <= 0:
             return None
+        return self._plan(trace, set(), live_numel)
+
+    def _plan(self, events: Sequence[Event], busy: set[int], live_numel: int) -> list[int]:
+        """The next units of ``events`` not ``busy``, within ``prefetch_bucket_size`` elements
+        and ``max_live_parameters`` (counting the ``live_numel`` already gathered)."""
+        if self.prefetch_bucket_size <= 0:
+            return []
         plan: list[int] = []
         bucket = 0
-        for _, unit in trace:
-            if unit in plan:
+        for _, unit in events:
+            if unit in busy or unit in plan:
                 continue
             numel = self.unit_numels[unit]
             if bucket and bucket + numel > self.prefetch_bucket_size:

@@ -44,9 +44,11 @@ from accel_zero.partition import (
     BufferPool,
     ParamSlot,
     Unit,
+    UnitOwner,
     UnitState,
     copy_out_rows,
     full_rows,
+    group_by_unit,
     same_device,
 )
 from accel_zero.shards import RowShard, ShardReader
@@ -94,13 +96,6 @@ def _unit_class_names(model: nn.Module, config: ZeroConfig) -> set[str]:
         return set(config.units)
     names = getattr(model, "_no_split_modules", None) or []
     return set(names)
-
-
-@dataclass
-class _Owner:
-    module: nn.Module
-    name: str
-    params: list[tuple[str, nn.Parameter]]
 
 
 class Engine:
@@ -180,44 +175,17 @@ class Engine:
         self.hooks.no_sync = value
 
     # ------------------------------------------------------------------ set-up
-    def _owners(self) -> list[_Owner]:
-        model = self.model
-        names = _unit_class_names(model, self.config)
-        owners: dict[int, _Owner] = {id(model): _Owner(model, "<root>", [])}
-        where: dict[int, tuple[int, str, nn.Parameter]] = {}
-        found_classes: set[str] = set()
-
-        def visit(module: nn.Module, prefix: str, owner: nn.Module) -> None:
-            cls = type(module).__name__
-            if module is not model and owner is model and cls in names:
-                owner = module
-                found_classes.add(cls)
-                owners.setdefault(id(module), _Owner(module, prefix, []))
-            for pname, p in module._parameters.items():
-                if p is None:
-                    continue
-                fqn = f"{prefix}.{pname}" if prefix else pname
-                prev = where.get(id(p))
-                if prev is None:
-                    where[id(p)] = (id(owner), fqn, p)
-                elif prev[0] != id(owner):
-                    # Shared between two units: the root keeps it gathered for the whole pass.
-                    where[id(p)] = (id(model), prev[1], p)
-            for cname, child in module._modules.items():
-                if child is not None:
-                    visit(child, f"{prefix}.{cname}" if prefix else cname, owner)
-
-        visit(model, "", model)
-        missing = names - found_classes
+    def _owners(self) -> list[UnitOwner]:
+        names = _unit_class_names(self.model, self.config)
+        owners, found = group_by_unit(self.model, names)
+        missing = names - found
         if self.config.units is not None and missing:
             raise ValueError(
                 f"zero_config.units names {sorted(missing)}, which no module of "
-                f"{type(model).__name__} is an instance of; module classes present: "
-                f"{sorted({type(m).__name__ for m in model.modules()})[:20]}"
+                f"{type(self.model).__name__} is an instance of; module classes present: "
+                f"{sorted({type(m).__name__ for m in self.model.modules()})[:20]}"
             )
-        for owner_id, fqn, p in where.values():
-            owners[owner_id].params.append((fqn, p))
-        return [o for o in owners.values() if o.params]
+        return owners
 
     def _build(self) -> tuple[list[tuple[nn.Module, list[Unit]]], list[Unit]]:
         world = self.comm.world_size
@@ -237,7 +205,7 @@ class Engine:
                 else:
                     big.append((fqn, p))
             if big:
-                groups.append((owner.module, owner.name, big, resharded))
+                groups.append((owner.module, owner.name or "<root>", big, resharded))
         if persistent:
             groups.append((self.model, "<persistent>", persistent, False))
 

@@ -72,10 +72,12 @@ __all__ = [
     "ParamSlot",
     "ParamSource",
     "Unit",
+    "UnitOwner",
     "UnitState",
     "copy_in_rows",
     "copy_out_rows",
     "full_rows",
+    "group_by_unit",
     "pack_rows",
     "same_device",
 ]
@@ -87,6 +89,53 @@ def same_device(a: torch.device, b: torch.device) -> bool:
     if a.type != b.type:
         return False
     return a.index is None or b.index is None or a.index == b.index
+
+
+@dataclass
+class UnitOwner:
+    """A module that owns parameters: a unit module, or the root (``name == ""``)."""
+
+    module: nn.Module
+    name: str
+    """Its qualified name; ``""`` for the root."""
+    params: list[tuple[str, nn.Parameter]] = field(default_factory=list)
+    """(first qualified name, parameter) of each parameter it owns, each once."""
+
+
+def group_by_unit(model: nn.Module, unit_classes: set[str]) -> tuple[list[UnitOwner], set[str]]:
+    """Which module owns each parameter: the outermost module of a class in ``unit_classes``
+    that contains it, else the root; a parameter used by two owners (tied) belongs to the
+    root, which keeps it gathered for a whole pass. Returns the owners that own parameters
+    (the root first) and the unit classes found. Shared by the engine and the cluster
+    model, so the model groups exactly as a run does."""
+    root = UnitOwner(model, "")
+    owners: dict[int, UnitOwner] = {id(model): root}
+    where: dict[int, tuple[int, str, nn.Parameter]] = {}
+    found: set[str] = set()
+
+    def visit(module: nn.Module, prefix: str, owner: nn.Module) -> None:
+        cls = type(module).__name__
+        if module is not model and owner is model and cls in unit_classes:
+            owner = module
+            found.add(cls)
+            owners.setdefault(id(module), UnitOwner(module, prefix))
+        for pname, p in module._parameters.items():
+            if p is None:
+                continue
+            fqn = f"{prefix}.{pname}" if prefix else pname
+            prev = where.get(id(p))
+            if prev is None:
+                where[id(p)] = (id(owner), fqn, p)
+            elif prev[0] != id(owner):
+                where[id(p)] = (id(model), prev[1], p)
+        for cname, child in module._modules.items():
+            if child is not None:
+                visit(child, f"{prefix}.{cname}" if prefix else cname, owner)
+
+    visit(model, "", model)
+    for owner_id, fqn, p in where.values():
+        owners[owner_id].params.append((fqn, p))
+    return [o for o in owners.values() if o.params], found
 
 
 class BufferPool:

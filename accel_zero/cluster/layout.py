@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 from accel_zero.estimator import ModelShapes
+from accel_zero.partition import group_by_unit
 
 __all__ = [
     "ModelLayout",
@@ -76,41 +77,28 @@ def layout_from_module(
     forward_order: Sequence[str] | None = None,
     name: str | None = None,
 ) -> ModelLayout:
-    """The layout of an ``nn.Module`` (meta device is fine), grouped as ``Engine._owners`` does:
-    unit modules are the outermost instances of ``units`` (default ``_no_split_modules``); a
-    parameter used by two owners belongs to the root. ``forward_order`` defaults to the unit
-    modules in definition order, each once (a plain stack of blocks)."""
+    """The layout of an ``nn.Module`` (meta device is fine), grouped by the engine's own
+    ``partition.group_by_unit``: unit modules are the outermost instances of ``units``
+    (default ``_no_split_modules``); a parameter used by two owners belongs to the root.
+    ``forward_order`` defaults to the unit modules in definition order, each once (a plain
+    stack of blocks)."""
     unit_names = set(units if units is not None else (module._no_split_modules or ()))
-    owners: list[str] = []
-    where: dict[int, ParamInfo] = {}
-
-    def visit(mod: Any, prefix: str, owner: str | None) -> None:
-        if mod is not module and owner is None and type(mod).__name__ in unit_names:
-            owner = prefix
-            owners.append(prefix)
-        for pname, p in mod._parameters.items():
-            if p is None:
-                continue
-            fqn = f"{prefix}.{pname}" if prefix else pname
-            prev = where.get(id(p))
-            if prev is None:
-                where[id(p)] = ParamInfo(
-                    name=fqn,
-                    shape=tuple(p.shape),
-                    owner=owner or "",
-                    itemsize=p.element_size(),
-                    requires_grad=bool(p.requires_grad),
-                )
-            elif prev.owner != (owner or ""):
-                where[id(p)] = replace(prev, owner="")  # shared: the root keeps it
-        for cname, child in mod._modules.items():
-            if child is not None:
-                visit(child, f"{prefix}.{cname}" if prefix else cname, owner)
-
-    visit(module, "", None)
+    grouped, _ = group_by_unit(module, unit_names)
+    owner_of = {id(p): owner.name for owner in grouped for _, p in owner.params}
+    params = [  # in the model's order, each parameter once under its first name
+        ParamInfo(
+            name=fqn,
+            shape=tuple(p.shape),
+            owner=owner_of[id(p)],
+            itemsize=p.element_size(),
+            requires_grad=bool(p.requires_grad),
+        )
+        for fqn, p in module.named_parameters()
+    ]
+    owners = [owner.name for owner in grouped if owner.name]
     return ModelLayout(
         name=name or type(module).__name__,
-        params=tuple(where.values()),
+        params=tuple(params),
         modules=tuple(owners),
         forward_order=tuple(forward_order if forward_order is not None else owners),
     )
