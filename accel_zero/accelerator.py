@@ -29,6 +29,7 @@ from torch import nn
 from accel_zero.comm import Comm, import_dynamo_before_process_group, let_gloo_workers_finish
 from accel_zero.config import ZeroConfig
 from accel_zero.engine import Engine, EngineContext
+from accel_zero.host_memory import tune_host_allocator
 from accel_zero.launch import check_launch_environment
 from accel_zero.optim import LossScaler, ZeroOptimizer
 from accel_zero.tracer import MemoryTracer
@@ -96,6 +97,9 @@ class Accelerator(accelerate.Accelerator):
     """
 
     def __init__(self, *args: Any, zero_config: Any = None, **kwargs: Any) -> None:
+        # Before the large allocations: the C allocator's profile (a no-op by default; see
+        # [Note: host allocator profiles] in host_memory.py).
+        self.host_allocator = tune_host_allocator()
         config = ZeroConfig.resolve(zero_config)
         self.zero_config = config
         # Accelerate must not take its own DeepSpeed / FSDP routes: the engine replaces them.
@@ -494,6 +498,23 @@ class Accelerator(accelerate.Accelerator):
         report["world_size"] = self.num_processes
         report["stage"] = self.zero_config.stage
         return report
+
+    @property
+    def memory_tracer(self) -> MemoryTracer:
+        """The model-data tracer behind ``memory_report()``; its ``mark``/``timeline`` record
+        a memory timeline (see [Note: memory timeline] in tracer.py)."""
+        return self._zero_tracer
+
+    def save_memory_timeline(self, path: str | os.PathLike[str]) -> Any:
+        """Write this rank's memory timeline as JSON (``accel-zero memory-plot`` draws it);
+        record one with ``ACCEL_ZERO_MEMORY_TIMELINE=1`` or
+        ``accelerator.memory_tracer.record_timeline(True)``."""
+        meta = {
+            "rank": self.process_index,
+            "world_size": self.num_processes,
+            "stage": self.zero_config.stage,
+        }
+        return self._zero_tracer.save_timeline(path, meta=meta)
 
     def zero_stats(self) -> dict[str, object]:
         """The coordinator's and the collectives' counters, summed over engines."""

@@ -5,7 +5,8 @@
 are usable; ``accel-zero estimate`` prints per-rank model-state memory for every
 ZeRO stage and offload setting (see ``accel_zero.estimator``); ``accel-zero export``
 turns a sharded ``save_state`` checkpoint into consolidated safetensors that
-``from_pretrained`` loads (see ``accel_zero.checkpoint.consolidate``).
+``from_pretrained`` loads (see ``accel_zero.checkpoint.consolidate``); ``accel-zero
+memory-plot`` draws a memory timeline as a PNG (see ``accel_zero.memory_plot``).
 """
 
 from __future__ import annotations
@@ -40,6 +41,12 @@ def _export(args: argparse.Namespace) -> int:
     return consolidate.main(args)
 
 
+def _memory_plot(args: argparse.Namespace) -> int:
+    from accel_zero import memory_plot
+
+    return memory_plot.main(args)
+
+
 def _launch(args: argparse.Namespace) -> int:
     from accel_zero.launch import run_launch
 
@@ -60,7 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="ZeRO-3 / ZeRO-Infinity training backend for Hugging Face Accelerate.",
         allow_abbrev=False,
     )
-    subparsers = parser.add_subparsers(title="commands", metavar="{launch,env,estimate,export}")
+    subparsers = parser.add_subparsers(
+        title="commands", metavar="{launch,env,estimate,export,memory-plot}"
+    )
     launch = launch_command_parser(subparsers)
     configure_launch_parser(launch)
     launch.description = (
@@ -94,6 +103,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_export_arguments(export)
     export.set_defaults(func=_export)
+
+    from accel_zero.memory_plot import add_arguments as add_plot_arguments
+
+    plot = subparsers.add_parser(
+        "memory-plot",
+        help="Draw a memory timeline (JSON) as a PNG.",
+        description="Stack the tracer's bytes per kind (parameters, gathered parameters, "
+        "gradients, optimizer state) under the process's RSS, with the phases shaded, from a "
+        "timeline written by accelerator.save_memory_timeline(path).",
+    )
+    add_plot_arguments(plot)
+    plot.set_defaults(func=_memory_plot)
     return parser
 
 

@@ -162,6 +162,7 @@ class UnitGrads:
             self.sink(self.unit.index, self.acc, self.had_grad)
             self.tracer.sub_tensor("grads", self.acc)
             self.acc = None
+        self.tracer.mark("reduced", self.unit.name)
 
     def _finish_all_reduce(self, out: torch.Tensor, world: int) -> None:
         scale = 1.0 / world if self.reduce_dtype == torch.float32 and world > 1 else 1.0
@@ -295,6 +296,7 @@ class ReduceBuckets:
                 input_is_scratch=True,  # the pooled bucket is not read again
             )
             sizes = [g.unit.numel for g in members]
+        members[0].tracer.mark("reduce", names)
         bucket = _Bucket(work=work, flat=flat, waiting=len(members), pool=self.pool)
         col = 0
         for g, size in zip(members, sizes, strict=True):

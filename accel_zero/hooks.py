@@ -173,7 +173,6 @@ class HookDriver:
         grad = torch.is_grad_enabled()
         coord.begin_pass(grad)
         self._callback_queued = False
-        ctx.tracer.mark("forward", "train" if grad else "no_grad")
         for unit in ctx.pass_units:
             if unit.state is not UnitState.GATHERED:
                 coord.note_fetch(unit.state is UnitState.GATHERING)
@@ -189,6 +188,8 @@ class HookDriver:
     def _root_post_forward(self, module: nn.Module, args: Any, output: Any) -> Any:
         if self.in_backward:
             return output
+        # A timeline sample is what was held as the phase ended ([Note: memory timeline]).
+        self.ctx.tracer.mark("forward", "train" if torch.is_grad_enabled() else "no_grad")
         if not torch.is_grad_enabled():
             self._end_pass()
             self.prefetch_next_pass(grad=False)
@@ -287,7 +288,6 @@ class HookDriver:
             return
         self._callback_queued = True
         self.in_backward = True
-        self.ctx.tracer.mark("backward")
         offload = self.ctx.offload
         # [Note: swapped gradients] in offload/swapped.py: only at a synchronising backward.
         sink = offload.optimizer.take_grads if offload and offload.optimizer else None
@@ -343,7 +343,7 @@ class HookDriver:
         self.ran_units = {i for i in self.ran_units if self._skip_reduction(i)}
         self.backward_done = True
         self._end_pass()
-        ctx.tracer.mark("backward_end")
+        ctx.tracer.mark("backward")
         if self.no_sync:
             self.prefetch_next_pass(grad=True)  # inside accumulation: no step follows
 

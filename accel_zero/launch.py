@@ -323,6 +323,11 @@ def prepare_launch(args: argparse.Namespace, workdir: Path) -> dict[str, str]:
             local_ranks = layout.processes_per_machine or 1
             cores = psutil.cpu_count(logical=False) or os.cpu_count() or 1
             env["OMP_NUM_THREADS"] = str(max(1, cores // local_ranks))
+    # The host allocator's profile from each rank's start, so it also covers what a script
+    # allocates before Accelerator() (a no-op by default; see accel_zero/host_memory.py).
+    from accel_zero.host_memory import allocator_env
+
+    env.update(allocator_env())
     return env
 
 

@@ -329,3 +329,6 @@ def lazy_init(accelerator: Any = None) -> Iterator[DeviceMesh]:
         for module in list(ctx.parents):
             if module not in ctx.children:
                 ctx.shard_module_params(module)
+    tracer = getattr(accelerator, "memory_tracer", None)  # an accel_zero.Accelerator
+    if tracer is not None:
+        tracer.mark("load")

@@ -391,6 +391,7 @@ class ZeroOptimizer:
         self._clipped = False
         self._swapped_scale = 1.0
         self.trace_state()
+        self.engines[0].ctx.tracer.mark("step")
         return result
 
     def _adam(self, group: int) -> AdamHyper:
@@ -494,6 +495,7 @@ class ZeroOptimizer:
         for e in self.entries:
             e.master.grad = None
         self._swapped_scale = 1.0
+        self.engines[0].ctx.tracer.mark("zero_grad")
 
     # -------------------------------------------------------------- checkpoints
     def _fqn(self, e: _Entry) -> str:

