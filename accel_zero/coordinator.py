@@ -141,12 +141,15 @@ class Coordinator:
         return list(dict.fromkeys(unit for _, unit in self._upcoming()))
 
     def plan_pass_start(self, grad: bool, live_numel: int) -> list[int] | None:
-        """Units to gather before a pass of this kind starts (None: no trace yet): what
-        ``prefetch_plan`` would pick at the pass's start."""
+        """The unit to gather before a pass of this kind starts, besides the root (None: no
+        trace yet, or prefetch off): the first of the trace, within the budgets. Only one:
+        what is gathered between passes stays gathered through the step, ``zero_grad`` and
+        data loading, and the first unit's pre-forward prefetches the rest
+        ([Note: prefetch across passes] in hooks.py)."""
         trace = self.traces.get(grad)
         if trace is None or self.prefetch_bucket_size <= 0:
             return None
-        return self._plan(trace, set(), live_numel)
+        return self._plan(trace[:1], set(), live_numel)
 
     def _plan(self, events: Sequence[Event], busy: set[int], live_numel: int) -> list[int]:
         """The next units of ``events`` not ``busy``, within ``prefetch_bucket_size`` elements

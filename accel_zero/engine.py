@@ -39,6 +39,7 @@ from accel_zero.config import ZeroConfig
 from accel_zero.coordinator import Coordinator
 from accel_zero.grads import ReduceBuckets, UnitGrads
 from accel_zero.hooks import HookContext, HookDriver
+from accel_zero.host_memory import drop_file_pages
 from accel_zero.offload.engine_offload import EngineOffload
 from accel_zero.partition import (
     BufferPool,
@@ -86,9 +87,13 @@ def _is_dtensor(t: torch.Tensor) -> bool:
 
 def _free_storage(t: torch.Tensor) -> None:
     """Give a dead tensor's memory back now (its owner may outlive it: the user's optimizer
-    still lists the pre-prepare parameters until it is re-pointed)."""
-    with contextlib.suppress(RuntimeError):  # not resizable (e.g. a memory-mapped file)
+    still lists the pre-prepare parameters until it is re-pointed). Rows read straight
+    from a memory-mapped checkpoint cannot be resized: their pages are dropped instead, so
+    the copy in the masters is the only one resident (see host_memory.drop_file_pages)."""
+    try:
         t.untyped_storage().resize_(0)
+    except RuntimeError:  # not resizable: a view of a memory-mapped file, most likely
+        drop_file_pages(t)
 
 
 def _unit_class_names(model: nn.Module, config: ZeroConfig) -> set[str]:
@@ -326,9 +331,11 @@ class Engine:
         """Load this rank's rows into the unit's masters: in memory, or into the swap records
         (then only the compute-dtype working shard stays, or goes to disk too)."""
         tracer = self.ctx.tracer
-        if unit.master is not None:
+        if unit.flat_master:
+            master = unit.allocate_master()
             for slot in unit.slots:
-                self._load_slot(unit, slot, unit.master)
+                self._load_slot(unit, slot, master)
+            assert unit.master is not None
             off_device = not same_device(unit.master.device, unit.device)
             if unit.resharded and off_device:
                 unit.working = unit.master.to(device=unit.device, dtype=unit.dtype)

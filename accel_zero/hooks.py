@@ -22,14 +22,17 @@ post-forward. A forward with gradients that is never followed by backward
 (evaluation without ``no_grad``) is closed when the next pass opens.
 
 [Note: prefetch across passes]
-The first units of a pass (the root, then the first blocks) are gathered
+The first units of a pass (the root and the first block) are gathered
 before the pass starts when the next pass is predictable and the parameters
 cannot change in between: after an optimizer step (for the next training
 pass), at the end of a pass without gradients (generation runs many in a
 row) and at the end of a backward inside an accumulation window (no step
-follows). Anything gathered is dropped when the masters change
-(``HookDriver.invalidate``), so a prefetch can waste traffic, never serve
-stale weights.
+follows). Only those two: what is gathered between passes stays gathered
+through the step, ``zero_grad`` and data loading (measured: with the whole
+prefetch budget the whole model stayed gathered between steps), and the first
+block's pre-forward prefetches the rest. Anything gathered is dropped when
+the masters change (``HookDriver.invalidate``), so a prefetch can waste
+traffic, never serve stale weights.
 """
 
 from __future__ import annotations

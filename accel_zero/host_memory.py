@@ -51,6 +51,7 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +66,7 @@ __all__ = [
     "allocator_env",
     "apply_allocator_tuning",
     "current_rss_bytes",
+    "drop_file_pages",
     "malloc_stats",
     "malloc_trim",
     "process_memory",
@@ -442,3 +444,49 @@ def release_free_memory() -> bool:
     if profile_from_env() is None:
         return False
     return malloc_trim(0)
+
+
+_MADV_DONTNEED = 4
+
+
+def _mapping_of(address: int) -> tuple[int, int, str, str] | None:
+    """(start, end, permissions, path) of the mapping holding ``address``, from
+    ``/proc/self/maps``; None where there is none (or no ``/proc``)."""
+    try:
+        lines = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        fields = line.split(maxsplit=5)
+        start, end = (int(x, 16) for x in fields[0].split("-"))
+        if start <= address < end:
+            return start, end, fields[1], fields[5] if len(fields) > 5 else ""
+    return None
+
+
+def drop_file_pages(tensor: Any) -> int:
+    """Drop the resident pages of a CPU tensor that lies in a mapping of a regular file (rows
+    read straight from a memory-mapped checkpoint; safetensors maps it private, ``rw-p``),
+    once its data lives elsewhere and the tensor is dead: RSS falls by them, and a later read
+    faults them back in from the file. Only whole pages inside the tensor (its neighbours'
+    pages are untouched), and only in a file mapping: anonymous memory, which
+    ``MADV_DONTNEED`` would zero, is left alone. Returns the bytes dropped."""
+    if sys.platform != "linux" or tensor.device.type != "cpu" or not tensor.numel():
+        return 0
+    start = tensor.data_ptr()
+    end = start + tensor.numel() * tensor.element_size()
+    page = os.sysconf("SC_PAGE_SIZE")
+    low, high = -(-start // page) * page, end // page * page
+    mapping = _mapping_of(start)
+    if high <= low or mapping is None:
+        return 0
+    _, map_end, perms, path = mapping
+    del perms  # private (copy-on-write) or shared: a file's pages either way
+    if not path.startswith("/") or path.startswith("/dev/") or high > map_end:
+        return 0
+    libc = _libc()
+    if libc is None:
+        return 0
+    if libc.madvise(ctypes.c_void_p(low), ctypes.c_size_t(high - low), _MADV_DONTNEED) != 0:
+        return 0
+    return high - low

@@ -145,10 +145,13 @@ class BufferPool:
     gave back fits the next. On CPU this saves a fresh multi-megabyte allocation
     (mmap, page faults, zeroing) per gather and per reduction. Only buffers that
     never escape the engine come here: gathered parameters themselves do not,
-    since autograd may still hold views of them.
+    since autograd may still hold views of them. ``keep_per_size`` 6: gathers in
+    flight under the prefetch budget, their cast inputs and two reduce buckets
+    need that many at once (with 2, SmolLM2 ZeRO-3 missed 93 times per step,
+    904 MiB of fresh allocations: scripts/bench_memory.py's diagnosis).
     """
 
-    def __init__(self, keep_per_size: int = 2) -> None:
+    def __init__(self, keep_per_size: int = 6) -> None:
         self.keep_per_size = keep_per_size
         self._free: dict[tuple[int, torch.dtype, torch.device], list[torch.Tensor]] = {}
 
@@ -340,15 +343,20 @@ class Unit:
         self.dtype = dtypes.pop()
         self.numel = sum(s.shard_numel for s in self.slots)
         self.full_numel = sum(s.numel for s in self.slots)
-        if self.flat_master:
-            where = self.master_device or self.device
-            self.master = torch.zeros(self.numel, dtype=torch.float32, device=where)
         if not self.resharded:
             self.state = UnitState.GATHERED
 
     @property
     def rank(self) -> int:
         return self.comm.rank
+
+    def allocate_master(self) -> torch.Tensor:
+        """The in-memory fp32 master (``flat_master``), zeroed; allocated when the unit is
+        filled, not when it is planned, so set-up holds one unit's worth at a time."""
+        assert self.flat_master and self.master is None
+        where = self.master_device or self.device
+        self.master = torch.zeros(self.numel, dtype=torch.float32, device=where)
+        return self.master
 
     def slot_master(self, slot: ParamSlot) -> torch.Tensor:
         """The fp32 rows of ``slot`` this rank's optimizer updates (real rows only, a view)."""

@@ -283,3 +283,42 @@ def test_allocator_env_takes_effect_at_exec() -> None:
         {"how": "explicit", "size": 2 * MiB, "tuning": {"trim_threshold": 2**30}}, env=env
     )
     assert out["mmapped"], out
+
+
+def _resident_kib(address: int, nbytes: int) -> int:
+    """KiB of the mapping around ``address`` resident now (Rss in /proc/self/smaps)."""
+    lines = Path("/proc/self/smaps").read_text().splitlines()
+    inside = False
+    for line in lines:
+        head = line.split()[0]
+        if "-" in head and not head.endswith(":"):
+            start, end = (int(x, 16) for x in head.split("-"))
+            inside = start <= address < end
+        elif inside and line.startswith("Rss:"):
+            return int(line.split()[1])
+    raise AssertionError("no mapping holds the address")
+
+
+def test_drop_file_pages_frees_a_mapped_checkpoints_rows_and_spares_anonymous_memory(
+    tmp_path: Path,
+) -> None:
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from accel_zero.host_memory import drop_file_pages
+
+    path = tmp_path / "w.safetensors"
+    save_file({"w": torch.arange(4 << 20, dtype=torch.float32)}, str(path))  # 16 MiB
+    with safe_open(str(path), framework="pt") as f:
+        rows = f.get_slice("w")[:]  # as transformers reads a rank's rows
+        copy = rows.clone()
+        touched = _resident_kib(rows.data_ptr(), rows.nbytes)
+        dropped = drop_file_pages(rows)
+        after = _resident_kib(rows.data_ptr(), rows.nbytes)
+        assert dropped >= rows.nbytes - 2 * 4096, (dropped, rows.nbytes)  # all whole pages
+        assert touched - after >= dropped // 1024 - 8, (touched, after, dropped)
+        assert torch.equal(rows, copy)  # read back from the file when touched again
+    anonymous = torch.arange(1 << 20, dtype=torch.float32)
+    assert drop_file_pages(anonymous) == 0  # would zero it: never
+    assert torch.equal(anonymous, torch.arange(1 << 20, dtype=torch.float32))
