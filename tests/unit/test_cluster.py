@@ -108,9 +108,10 @@ def _gathers(zero: dict[str, Any]) -> list[dict[str, int]]:
 def test_gathers_follow_the_coordinator() -> None:
     # tiny GPT-2: root (embeddings, final norm, tied head) + 2 blocks. Step 1 records the order:
     # everything on demand, every block gathered again in backward; after its optimizer step
-    # the next forward's 3 units are prefetched (counted in the step that issues them).
+    # only the root and the first block are gathered for the next forward (counted in the step
+    # that issues them; Coordinator.plan_pass_start), whose pre-forward prefetches the rest.
     first, steady = _gathers({"stage": 3})
-    assert first == {"gather_forward": 3 + 3, "gather_backward": 2}
+    assert first == {"gather_forward": 3 + 2, "gather_backward": 2}
     # Then the default reuse distance keeps each block from forward to backward.
     assert steady == {"gather_forward": 3, "gather_backward": 0}
     # Reuse distance 0 keeps only the last block, whose next use is the next event (the
