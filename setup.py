@@ -1,7 +1,7 @@
 """accel_zero: a ZeRO-3 / ZeRO-Infinity training backend for Hugging Face Accelerate.
 
 Compiled kernels are optional at install time: ``ACCEL_ZERO_BUILD_OPS=1 pip install
---no-build-isolation .`` builds them ahead of time; otherwise ``accel_zero/ops.py``
+--no-build-isolation .`` builds them ahead of time; otherwise ``accel_zero/ops/``
 builds them on first use (JIT) or falls back to pure PyTorch. Torch is never a build
 requirement, so pip cannot pull a CUDA build into an isolated build environment.
 """
@@ -35,6 +35,7 @@ setup(
     packages=[
         "accel_zero",
         "accel_zero.offload",
+        "accel_zero.ops",
         "accel_zero.kernels",
         "accel_zero.kernels.aio",
         "accel_zero.kernels.cpu_adam",

@@ -3,7 +3,7 @@
 A builder knows one op's sources and flags, whether this machine can build it
 (``is_compatible``), how to describe it to setuptools for a prebuilt install
 (``extension``) and how to build it just in time (``jit_load``). It never decides
-*whether* to build: that is ``accel_zero/ops.py``'s job (the only loader).
+*whether* to build: that is ``accel_zero/ops/loader.py``'s job (the only loader).
 
 This module imports nothing from ``accel_zero`` because ``setup.py`` imports it as
 the top-level package ``kernels`` before ``accel_zero`` is installed.

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from accel_zero import ops
+from accel_zero.ops import adam as ops_adam
 
 pytestmark = [
     pytest.mark.gpu,
@@ -74,7 +75,7 @@ def test_fused_adam_copy_out_and_low_precision_grads(cuda_ext, copy_dtype, grad_
         ops.fused_adam_step(
             params, grads, m, v, steps=[step] * 4, inv_scale=1 / 256, copies=copies, **kw
         )
-        ops._adam_torch(
+        ops_adam._adam_torch(
             ref, grads, rm, rv, [None] * 4, steps=[step] * 4, adamw_mode=True,
             bias_correction=True, inv_scale=1 / 256, **kw,
         )  # fmt: skip

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from accel_zero import ops
+from accel_zero.ops import loader
 
 BACKENDS = ["libaio", "python"]
 
@@ -159,7 +160,7 @@ def test_kernel_and_fallback_write_identical_bytes(tmp_path, monkeypatch):
 
 def test_forced_fallback_warns_once(monkeypatch):
     monkeypatch.setenv(ops.FORCE_FALLBACK_ENV, "aio")
-    ops._warn_fallback.cache_clear()
+    loader._warn_fallback.cache_clear()  # the cache load_op warns through
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         ops.AsyncIO()
