@@ -9,7 +9,7 @@ requirement, so pip cannot pull a CUDA build into an isolated build environment.
 import os
 import sys
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -32,10 +32,10 @@ setup(
     version="0.1.0",
     description="ZeRO-3/Infinity memory-efficient training backend for Hugging Face Accelerate",
     python_requires=">=3.10",
+    # Every accel_zero subpackage (a hand-written list left checkpoint/ and cluster/ out of
+    # non-editable installs), plus the kernel sources below.
     packages=[
-        "accel_zero",
-        "accel_zero.offload",
-        "accel_zero.ops",
+        *find_packages(include=["accel_zero", "accel_zero.*"]),
         "accel_zero.kernels",
         "accel_zero.kernels.aio",
         "accel_zero.kernels.cpu_adam",

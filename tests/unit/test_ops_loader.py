@@ -175,6 +175,10 @@ def test_prebuilt_and_jit_from_installed_wheel(tmp_path):
         "print('cpu_adam', ops.op_status('cpu_adam').source)\n"
         "a = ops.AsyncIO()\n"
         "print('backend', a.backend)\n"
+        # Every subpackage of the checkout made it into the wheel.
+        "import pkgutil\n"
+        "found = pkgutil.walk_packages(accel_zero.__path__, 'accel_zero.')\n"
+        "print('subpackages', sorted(m.name for m in found if m.ispkg))\n"
     )
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", ops.FORCE_FALLBACK_ENV)}
     env.update(
@@ -186,6 +190,14 @@ def test_prebuilt_and_jit_from_installed_wheel(tmp_path):
     ).stdout  # fmt: skip
     lines = out.splitlines()
     assert "aio prebuilt" in lines
+    in_checkout = sorted(
+        "accel_zero." + ".".join(init.parent.relative_to(REPO / "accel_zero").parts)
+        for init in (REPO / "accel_zero").rglob("__init__.py")
+        if init.parent != REPO / "accel_zero"
+    )
+    wheel_packages = next(line for line in lines if line.startswith("subpackages"))
+    for name in in_checkout:
+        assert repr(name) in wheel_packages, f"{name} missing from the wheel: {wheel_packages}"
     assert "cpu_adam jit-buildable" in lines
     assert "cpu_adam jit" in lines
     assert "backend libaio" in lines
