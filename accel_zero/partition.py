@@ -153,16 +153,28 @@ class BufferPool:
 
     def __init__(self, keep_per_size: int = 6) -> None:
         self.keep_per_size = keep_per_size
-        self._free: dict[tuple[int, torch.dtype, torch.device], list[torch.Tensor]] = {}
+        self._free: dict[tuple[int, torch.dtype, tuple[str, int]], list[torch.Tensor]] = {}
+
+    @staticmethod
+    def _where(device: torch.device | str) -> tuple[str, int]:
+        """One key per memory: the engine asks for ``cpu:0`` (or ``cuda``) where the tensors
+        it gives back say ``cpu`` (``cuda:0``); keyed by ``torch.device`` the pool never
+        matched on CPU and every buffer was allocated afresh."""
+        d = torch.device(device)
+        if d.type == "cpu":
+            return ("cpu", -1)
+        if d.index is None and d.type == "cuda":
+            return ("cuda", torch.cuda.current_device())
+        return (d.type, -1 if d.index is None else d.index)
 
     def take(self, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        free = self._free.get((numel, dtype, torch.device(device)))
+        free = self._free.get((numel, dtype, self._where(device)))
         if free:
             return free.pop()
         return torch.empty(numel, dtype=dtype, device=device)
 
     def give(self, t: torch.Tensor) -> None:
-        free = self._free.setdefault((t.numel(), t.dtype, t.device), [])
+        free = self._free.setdefault((t.numel(), t.dtype, self._where(t.device)), [])
         if len(free) < self.keep_per_size and all(f is not t for f in free):
             free.append(t)
 
