@@ -51,11 +51,13 @@ class SwappedParams:
 
     # ---------------------------------------------------------------- gathers
     def prefetch(self, units: Sequence[int]) -> None:
-        """Start reading these units' records, as far as free buffers allow."""
+        """Start reading these units' records, as far as free buffers allow, always leaving
+        one free: a read-ahead is a hint, and the gather that needs a unit now (the trace
+        was wrong, or a recomputed forward gathers again) must find a buffer."""
         for unit in units:
             if unit in self._held or unit not in self.units:
                 continue
-            if self.space.free_buffers == 0:
+            if self.space.free_buffers <= 1:
                 return
             self.space.prefetch(self.key(unit), generation=self.generation[unit])
 
@@ -63,7 +65,11 @@ class SwappedParams:
         """The unit's working shard (reads it now unless prefetched); ``done`` releases it."""
         buf = self._held.get(unit)
         if buf is None:
-            buf = self.space.get(self.key(unit), generation=self.generation[unit])
+            key = self.key(unit)
+            if self.space.free_buffers == 0 and not self.space.in_memory(key):
+                # Every buffer holds a read-ahead nobody asked for yet: forget them.
+                self.drop_prefetches()
+            buf = self.space.get(key, generation=self.generation[unit])
             self._held[unit] = buf
         return buf.fields["shard"]
 

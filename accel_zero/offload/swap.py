@@ -230,6 +230,13 @@ class SwapSpace:
                 for b in self._buffers
             )
 
+    def in_memory(self, key: str) -> bool:
+        """Whether record ``key`` has a buffer now (being read, held or being written), so
+        that a ``get`` of it needs no free one."""
+        record = self._record(key)
+        with self._cond:
+            return record.buffer is not None
+
     # -- the pipeline ------------------------------------------------------------------
     def acquire(self, key: str) -> SwapBuffer:
         """A buffer for record ``key`` whose contents the caller sets in full (contents

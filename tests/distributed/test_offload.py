@@ -70,6 +70,37 @@ def test_offload_trains_like_no_offload(
         assert_parity(results["none"], result, spec, label=f"stage {stage} {mixed} {name}")
 
 
+class _Checkpointed(TrainSpec):
+    def build_model(self) -> torch.nn.Module:
+        model = super().build_model()
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return model
+
+
+def _read_ahead_body(rank: int, world: int, spec: TrainSpec, folder: str) -> dict[str, Any]:
+    from tests.distributed.reference import train_accel_zero_rank
+
+    # More units than parameter swap buffers, and a backward that gathers each unit again
+    # (the recomputed forward of gradient checkpointing), as scripts/bench_scale.py runs a
+    # Llama. (The read-ahead starving a gather is pinned down in tests/unit/test_swap.py.)
+    nvme = {"device": "nvme", "nvme_path": folder, "buffer_count": 2}
+    base = {"stage": 3, "param_persistence_threshold": 0, "max_reuse_distance": 0}
+    offload = {"offload_optimizer": {**nvme, "buffer_count": 4}, "offload_param": nvme}
+    results = {"none": train_accel_zero_rank(rank, world, spec, base)}
+    results["nvme+params"] = train_accel_zero_rank(rank, world, spec, {**base, **offload})
+    return results if rank == 0 else {}
+
+
+def test_gradient_checkpointing_with_parameters_on_nvme_trains_like_no_offload(
+    rank_pool: Any, tmp_path: Path
+) -> None:
+    spec = _Checkpointed(model="llama", model_kwargs={"n_layer": 6}, mixed_precision="bf16")
+    results = run_ranks(
+        _read_ahead_body, WORLD, spec, str(tmp_path), timeout=600, pool=rank_pool(WORLD)
+    )[0]
+    assert_parity(results["none"], results["nvme+params"], spec, label="checkpointing, nvme+params")
+
+
 def _resume_body(rank: int, world: int, folder: str, offload_first: bool) -> dict[str, Any]:
     from tests.distributed.test_checkpoint_resume import _run, _spec
 

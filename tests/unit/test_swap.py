@@ -517,3 +517,36 @@ def test_damaged_files_are_detected(tmp_path, fault):
     space.flush()
     _check(space.get("opt/0", generation=9).fields, "opt/0", 9)
     space.close()
+
+
+def test_parameter_read_ahead_never_takes_the_buffer_a_gather_needs(tmp_path):
+    """offload_param's read-ahead is a hint: with every buffer prefetching units the trace
+    predicted, a gather of another unit (a wrong prediction, or the recomputed forward of
+    gradient checkpointing) still gets its shard. Before the fix: 'swap pool exhausted for
+    param/5' at the second step of scripts/bench_scale.py --size 1B."""
+    from types import SimpleNamespace
+
+    from accel_zero.offload.params import SwappedParams
+    from accel_zero.tracer import MemoryTracer
+
+    units = [SimpleNamespace(index=i, numel=1000, dtype=torch.float32) for i in range(8)]
+    space = _space(tmp_path, buffer_count=4)
+    params = SwappedParams(space, units, MemoryTracer())  # type: ignore[arg-type]
+    for u in units:
+        params.write_initial(u.index, torch.full((1000,), float(u.index)))
+    space.flush()
+    params.prefetch([1, 2, 3, 4])  # the trace's guess: leaves one buffer for a demand
+    assert space.free_buffers >= 1
+    assert torch.equal(params.fetch(5), torch.full((1000,), 5.0))
+    params.done(5)
+    # Even with every buffer taken by read-aheads, a demand evicts them instead of failing.
+    for unit in (1, 2, 3):
+        space.prefetch(params.key(unit), generation=0)
+    space.prefetch(params.key(6), generation=0)
+    assert space.free_buffers == 0
+    assert torch.equal(params.fetch(7), torch.full((1000,), 7.0))
+    params.done(7)
+    # A read-ahead that was right is used as it is.
+    assert torch.equal(params.fetch(6), torch.full((1000,), 6.0))
+    params.done(6)
+    params.close()
