@@ -78,7 +78,16 @@ from typing import Any
 
 # Run as ``python scripts/bench_offload.py``: scripts/ is sys.path[0], and spawned
 # ranks inherit that path, so the model, data and spawner are bench_train's own.
-from bench_train import BenchArgs, _first_line, batch_for, build_model, spawn_ranks
+from bench_train import (
+    BenchArgs,
+    _first_line,
+    add_run_arguments,
+    batch_for,
+    bench_args,
+    build_model,
+    spawn_ranks,
+    torchrun_env,
+)
 
 MiB = 2**20
 OFFLOADS = ("none", "cpu", "nvme", "nvme+param")
@@ -515,12 +524,7 @@ def run_deepspeed_ranks(
                 env = {
                     **os.environ,
                     "OMP_NUM_THREADS": str(a.threads),
-                    "MASTER_ADDR": "127.0.0.1",
-                    "MASTER_PORT": str(port),
-                    "RANK": str(rank),
-                    "LOCAL_RANK": str(rank),
-                    "WORLD_SIZE": str(world_size),
-                    "LOCAL_WORLD_SIZE": str(world_size),
+                    **torchrun_env(rank, world_size, port),
                 }
                 log = (Path(out) / f"rank{rank}.log").open("w")
                 procs.append(
@@ -846,20 +850,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--queue-depth", type=int, default=32, help="aio requests in flight")
     parser.add_argument("--aio-threads", type=int, default=1)
     parser.add_argument("--fio-mib", type=int, default=512, help="MiB fio moves per run; 0: none")
-    parser.add_argument("--world-size", type=int, default=2)
-    parser.add_argument(
-        "--threads", type=int, default=0, help="torch threads per rank (0: cores / ranks)"
-    )
-    parser.add_argument("--layers", type=int, default=6)
-    parser.add_argument("--hidden", type=int, default=512)
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--vocab", type=int, default=8192)
-    parser.add_argument("--seq", type=int, default=256)
-    parser.add_argument("--micro-batch", type=int, default=4)
-    parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--timeout", type=float, default=900.0, help="seconds per run")
-    parser.add_argument("--json", type=Path, help="also write the raw figures here")
+    add_run_arguments(parser)
     parser.add_argument("--ds-worker", type=Path, help=argparse.SUPPRESS)
     ns = parser.parse_args(argv)
     if ns.ds_worker is not None:
@@ -895,20 +886,7 @@ def main(argv: list[str] | None = None) -> int:
             configs = [c for c in configs if not c.startswith("ds-")]
         else:
             print(f"# DeepSpeed {probe.stdout.strip().splitlines()[-1]} via {ns.deepspeed_python}")
-    threads = ns.threads or max(1, (os.cpu_count() or 1) // ns.world_size)
-    a = BenchArgs(
-        layers=ns.layers,
-        hidden=ns.hidden,
-        heads=ns.heads,
-        vocab=ns.vocab,
-        seq=ns.seq,
-        micro_batch=ns.micro_batch,
-        steps=ns.steps,
-        warmup=ns.warmup,
-        lr=ns.lr,
-        seed=ns.seed,
-        threads=threads,
-    )
+    a = bench_args(ns)
     made_root = not Path(ns.nvme_path).exists()
     Path(ns.nvme_path).mkdir(parents=True, exist_ok=True)
     nvme_path = tempfile.mkdtemp(prefix="bench_offload_", dir=ns.nvme_path)
@@ -923,7 +901,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"GPT-2 {a.layers} layers, hidden {a.hidden}, {a.heads} heads, vocab {a.vocab}, "
         f"seq {a.seq}, micro-batch {a.micro_batch}, fp32 AdamW; {ns.world_size} ranks x "
-        f"{threads} threads (gloo); {a.steps} timed steps after {a.warmup} warm-up, "
+        f"{a.threads} threads (gloo); {a.steps} timed steps after {a.warmup} warm-up, "
         f"{ns.repeats} repeat(s); swap in {nvme_path}: sub_group_size {o.sub_group_size}, "
         f"buffer_count {o.buffer_count}, aio block {o.block_size} qd {o.queue_depth} "
         f"threads {o.threads}",

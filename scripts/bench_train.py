@@ -270,6 +270,18 @@ def _child(
     path.with_suffix(".tmp").rename(path)
 
 
+def torchrun_env(rank: int, world_size: int, port: int) -> dict[str, str]:
+    """What torchrun sets for a rank of one local machine (MASTER_*, RANK, WORLD_SIZE, ...)."""
+    return {
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+        "RANK": str(rank),
+        "LOCAL_RANK": str(rank),
+        "WORLD_SIZE": str(world_size),
+        "LOCAL_WORLD_SIZE": str(world_size),
+    }
+
+
 def spawn_ranks(
     fn: Callable[..., Any],
     world_size: int,
@@ -283,15 +295,7 @@ def spawn_ranks(
     with tempfile.TemporaryDirectory(prefix="bench_train_") as out:
         procs = []
         for rank in range(world_size):
-            rank_env = {
-                **env,
-                "MASTER_ADDR": "127.0.0.1",
-                "MASTER_PORT": str(port),
-                "RANK": str(rank),
-                "LOCAL_RANK": str(rank),
-                "WORLD_SIZE": str(world_size),
-                "LOCAL_WORLD_SIZE": str(world_size),
-            }
+            rank_env = {**env, **torchrun_env(rank, world_size, port)}
             p = ctx.Process(
                 target=_child, args=(fn, rank, world_size, args, rank_env, out), daemon=True
             )
@@ -420,14 +424,8 @@ def format_table(rows: Iterable[Row], a: BenchArgs, world_size: int) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument(
-        "--configs", default=",".join(CONFIGS), help=f"comma list of {list(CONFIGS)}"
-    )
-    parser.add_argument("--steps", type=int, default=20, help="timed steps per run")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
-    parser.add_argument("--repeats", type=int, default=1, help="interleaved runs of every config")
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """The benchmark model, ranks, threads and output options (bench_offload.py's too)."""
     parser.add_argument("--world-size", type=int, default=2)
     parser.add_argument(
         "--threads", type=int, default=0, help="torch threads per rank (0: cores / ranks)"
@@ -442,14 +440,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per run")
     parser.add_argument("--json", type=Path, help="also write the raw figures here")
-    ns = parser.parse_args(argv)
 
-    configs = [c.strip() for c in ns.configs.split(",") if c.strip()]
-    unknown = [c for c in configs if c not in CONFIGS]
-    if unknown:
-        parser.error(f"unknown --configs {unknown}; choose from {list(CONFIGS)}")
+
+def bench_args(ns: argparse.Namespace) -> BenchArgs:
+    """``BenchArgs`` from :func:`add_run_arguments`'s options plus ``--steps``/``--warmup``."""
     threads = ns.threads or max(1, (os.cpu_count() or 1) // ns.world_size)
-    a = BenchArgs(
+    return BenchArgs(
         layers=ns.layers,
         hidden=ns.hidden,
         heads=ns.heads,
@@ -462,10 +458,28 @@ def main(argv: list[str] | None = None) -> int:
         seed=ns.seed,
         threads=threads,
     )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--configs", default=",".join(CONFIGS), help=f"comma list of {list(CONFIGS)}"
+    )
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per run")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    parser.add_argument("--repeats", type=int, default=1, help="interleaved runs of every config")
+    add_run_arguments(parser)
+    ns = parser.parse_args(argv)
+
+    configs = [c.strip() for c in ns.configs.split(",") if c.strip()]
+    unknown = [c for c in configs if c not in CONFIGS]
+    if unknown:
+        parser.error(f"unknown --configs {unknown}; choose from {list(CONFIGS)}")
+    a = bench_args(ns)
     print(
         f"GPT-2 {a.layers} layers, hidden {a.hidden}, {a.heads} heads, vocab {a.vocab}, "
         f"seq {a.seq}, micro-batch {a.micro_batch}, fp32 AdamW; {ns.world_size} ranks x "
-        f"{threads} threads (gloo); {a.steps} timed steps after {a.warmup} warm-up, "
+        f"{a.threads} threads (gloo); {a.steps} timed steps after {a.warmup} warm-up, "
         f"{ns.repeats} repeat(s)",
         flush=True,
     )
