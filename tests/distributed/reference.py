@@ -85,6 +85,9 @@ class TrainSpec:
     mixed_precision: Literal["no", "bf16"] = "no"
     max_grad_norm: float | None = None
     """Clip by ``clip_grad_norm_(params, max_norm)`` before each step; None = off."""
+    gradient_checkpointing: bool = False
+    """transformers' non-reentrant gradient checkpointing (activations recomputed in
+    backward, where the engine gathers units again)."""
 
     def __post_init__(self) -> None:
         if self.mixed_precision not in ("no", "bf16"):
@@ -95,7 +98,12 @@ class TrainSpec:
             raise ValueError("steps, grad_accum and micro_batch must be >= 1")
 
     def build_model(self) -> nn.Module:
-        return build_model(self.model, seed=self.seed, **dict(self.model_kwargs))
+        model = build_model(self.model, seed=self.seed, **dict(self.model_kwargs))
+        if self.gradient_checkpointing:
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
+        return model
 
     def build_optimizer(self, params: Any) -> torch.optim.Optimizer:
         return torch.optim.AdamW(

@@ -378,17 +378,9 @@ def _checkpointing_body(rank: int, world: int, stage: int) -> dict[str, TrainRes
     engine gathers units on demand) against DDP running the same checkpointed model."""
     from tests.distributed.reference import train_accel_zero_rank, train_ddp_in_group
 
-    spec = TrainSpec(model="llama", steps=2, grad_accum=2, max_grad_norm=1.0)
-
-    class _Checkpointed(TrainSpec):
-        def build_model(self) -> nn.Module:
-            model = super().build_model()
-            model.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False}
-            )
-            return model
-
-    spec = _Checkpointed(**{f: getattr(spec, f) for f in spec.__dataclass_fields__})
+    spec = TrainSpec(
+        model="llama", steps=2, grad_accum=2, max_grad_norm=1.0, gradient_checkpointing=True
+    )
     zero = {"stage": stage, "param_persistence_threshold": 0, "max_reuse_distance": 0}
     out = {"accel_zero": train_accel_zero_rank(rank, world, spec, zero)}
     out["ddp"] = train_ddp_in_group(rank, world, spec)

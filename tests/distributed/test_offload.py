@@ -70,13 +70,6 @@ def test_offload_trains_like_no_offload(
         assert_parity(results["none"], result, spec, label=f"stage {stage} {mixed} {name}")
 
 
-class _Checkpointed(TrainSpec):
-    def build_model(self) -> torch.nn.Module:
-        model = super().build_model()
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        return model
-
-
 def _read_ahead_body(rank: int, world: int, spec: TrainSpec, folder: str) -> dict[str, Any]:
     from tests.distributed.reference import train_accel_zero_rank
 
@@ -94,7 +87,12 @@ def _read_ahead_body(rank: int, world: int, spec: TrainSpec, folder: str) -> dic
 def test_gradient_checkpointing_with_parameters_on_nvme_trains_like_no_offload(
     rank_pool: Any, tmp_path: Path
 ) -> None:
-    spec = _Checkpointed(model="llama", model_kwargs={"n_layer": 6}, mixed_precision="bf16")
+    spec = TrainSpec(
+        model="llama",
+        model_kwargs={"n_layer": 6},
+        mixed_precision="bf16",
+        gradient_checkpointing=True,
+    )
     results = run_ranks(
         _read_ahead_body, WORLD, spec, str(tmp_path), timeout=600, pool=rank_pool(WORLD)
     )[0]
