@@ -76,6 +76,7 @@ __all__ = [
     "UnitState",
     "copy_in_rows",
     "copy_out_rows",
+    "device_key",
     "full_rows",
     "group_by_unit",
     "pack_rows",
@@ -89,6 +90,19 @@ def same_device(a: torch.device, b: torch.device) -> bool:
     if a.type != b.type:
         return False
     return a.index is None or b.index is None or a.index == b.index
+
+
+def device_key(device: torch.device | str) -> tuple[str, int]:
+    """A hashable key with one value per memory, for what :func:`same_device` compares:
+    the engine asks for ``cpu:0`` (or ``cuda``) where the tensors it gets back say ``cpu``
+    (``cuda:0``). Keyed by ``torch.device``, BufferPool never matched on CPU and every
+    buffer was allocated afresh."""
+    d = torch.device(device)
+    if d.type == "cpu":
+        return ("cpu", -1)
+    if d.index is None and d.type == "cuda":
+        return ("cuda", torch.cuda.current_device())
+    return (d.type, -1 if d.index is None else d.index)
 
 
 @dataclass
@@ -155,26 +169,14 @@ class BufferPool:
         self.keep_per_size = keep_per_size
         self._free: dict[tuple[int, torch.dtype, tuple[str, int]], list[torch.Tensor]] = {}
 
-    @staticmethod
-    def _where(device: torch.device | str) -> tuple[str, int]:
-        """One key per memory: the engine asks for ``cpu:0`` (or ``cuda``) where the tensors
-        it gives back say ``cpu`` (``cuda:0``); keyed by ``torch.device`` the pool never
-        matched on CPU and every buffer was allocated afresh."""
-        d = torch.device(device)
-        if d.type == "cpu":
-            return ("cpu", -1)
-        if d.index is None and d.type == "cuda":
-            return ("cuda", torch.cuda.current_device())
-        return (d.type, -1 if d.index is None else d.index)
-
     def take(self, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        free = self._free.get((numel, dtype, self._where(device)))
+        free = self._free.get((numel, dtype, device_key(device)))
         if free:
             return free.pop()
         return torch.empty(numel, dtype=dtype, device=device)
 
     def give(self, t: torch.Tensor) -> None:
-        free = self._free.setdefault((t.numel(), t.dtype, self._where(t.device)), [])
+        free = self._free.setdefault((t.numel(), t.dtype, device_key(t.device)), [])
         if len(free) < self.keep_per_size and all(f is not t for f in free):
             free.append(t)
 

@@ -80,6 +80,7 @@ def test_lazily_loaded_rows_are_not_held_twice_after_prepare(tmp_path: Path) -> 
 
 def _pool_body(rank: int, world: int, stage: int) -> list[dict[str, int]]:
     from accel_zero import Accelerator
+    from accel_zero.partition import device_key
 
     accelerator = Accelerator(zero_config={"stage": stage, "param_persistence_threshold": 0})
     model = build_model("gpt2", seed=0)
@@ -90,7 +91,7 @@ def _pool_body(rank: int, world: int, stage: int) -> list[dict[str, int]]:
     take = pool.take
 
     def counting_take(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        hit = bool(pool._free.get((numel, dtype, pool._where(device))))
+        hit = bool(pool._free.get((numel, dtype, device_key(device))))
         t = take(numel, dtype, device)
         taken.append((hit, t.untyped_storage().data_ptr()))
         return t
